@@ -1,0 +1,5 @@
+//! One module per command family.
+
+pub mod bench;
+pub mod data;
+pub mod train;

@@ -1,0 +1,45 @@
+//! `ferrite`: argument parsing and wiring only; each command lives in `cmd/`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ferrite", version, about = "Train and serve GPT-style language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model in this process from a job file.
+    Train(cmd::train::TrainArgs),
+    /// Print the token ids of a text.
+    Tokenize(cmd::data::TokenizeArgs),
+    /// Print the text of token ids.
+    Detokenize(cmd::data::DetokenizeArgs),
+    /// Dataset commands.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Micro-benchmarks of Ferrite's own kernels and training step.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize text files into train.bin, val.bin and tokenizer.json.
+    Prepare(cmd::data::PrepareArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(args) => cmd::train::run(args),
+        Command::Tokenize(args) => cmd::data::tokenize(args),
+        Command::Detokenize(args) => cmd::data::detokenize(args),
+        Command::Data(DataCommand::Prepare(args)) => cmd::data::prepare(args),
+        Command::Bench(c) => cmd::bench::run(c),
+    }
+}

@@ -1,0 +1,1 @@
+//! The control plane (filled in by the cluster work).

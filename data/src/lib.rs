@@ -1,0 +1,1 @@
+//! Tokenizers and token shards (filled in by the data work).
