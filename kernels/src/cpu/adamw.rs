@@ -1,0 +1,36 @@
+//! Fused AdamW with decoupled weight decay (Loshchilov & Hutter).
+
+use rayon::prelude::*;
+
+use crate::AdamW;
+
+const CHUNK: usize = 1 << 14;
+
+pub fn update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamW) {
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n);
+    let bc1 = 1.0 - hp.beta1.powi(hp.step as i32);
+    let bc2 = 1.0 - hp.beta2.powi(hp.step as i32);
+    let go = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+        for i in 0..p.len() {
+            let g = g[i] * hp.grad_scale;
+            let mi = hp.beta1 * m[i] + (1.0 - hp.beta1) * g;
+            let vi = hp.beta2 * v[i] + (1.0 - hp.beta2) * g * g;
+            m[i] = mi;
+            v[i] = vi;
+            let mhat = mi / bc1;
+            let vhat = vi / bc2;
+            p[i] -= hp.lr * (mhat / (vhat.sqrt() + hp.eps) + hp.weight_decay * p[i]);
+        }
+    };
+    if n <= CHUNK {
+        go((((params, grads), m), v));
+    } else {
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(go);
+    }
+}

@@ -1,0 +1,57 @@
+//! Fused softmax + cross-entropy over padded logits, with an ignore index.
+
+use super::for_rows;
+use crate::{math, IGNORE_INDEX};
+
+/// logits (n,vp) become probabilities in place; losses (n) = -ln p[target].
+pub fn forward(
+    losses: &mut [f32],
+    logits: &mut [f32],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+    vp: usize,
+) {
+    assert!(losses.len() >= n && targets.len() >= n && logits.len() >= n * vp);
+    let lp = super::SendPtr(losses.as_mut_ptr());
+    for_rows(&mut logits[..n * vp], vp, |i, row| {
+        let lp = lp;
+        let (z, pad) = row.split_at_mut(v);
+        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0.0f32;
+        for x in z.iter_mut() {
+            *x = math::exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        z.iter_mut().for_each(|x| *x *= inv);
+        pad.fill(0.0);
+        let tgt = targets[i];
+        let loss = if tgt == IGNORE_INDEX {
+            0.0
+        } else {
+            // log-softmax from the sum, not ln(p): stays finite when p underflows.
+            let zt = z[tgt as usize] * sum; // exp(logit - max)
+            -(zt.ln() - sum.ln())
+        };
+        // SAFETY: i < n (asserted), one task per row.
+        unsafe { *lp.0.add(i) = loss };
+    });
+}
+
+/// probs (n,vp) become dlogits in place.
+pub fn backward(probs: &mut [f32], targets: &[i32], dloss: f32, n: usize, v: usize, vp: usize) {
+    assert!(targets.len() >= n && probs.len() >= n * vp);
+    for_rows(&mut probs[..n * vp], vp, |i, row| {
+        let tgt = targets[i];
+        if tgt == IGNORE_INDEX {
+            row.fill(0.0);
+            return;
+        }
+        for x in row[..v].iter_mut() {
+            *x *= dloss;
+        }
+        row[tgt as usize] -= dloss;
+        row[v..].fill(0.0);
+    });
+}
