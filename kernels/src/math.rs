@@ -32,12 +32,17 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 }
 
 /// e^x for f32, relative error below 2e-7 over the range where the result is normal;
-/// inputs below -87 give 0 and above 88 give +inf-like large values clamped at 88.
+/// inputs are clamped to [-87.3, 88.3], so the result is always a normal float.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     // x = n ln2 + r, |r| <= ln2 / 2
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5·2^23 trick, which also leaves n in the low mantissa bits
+    // of `t`: 2^n is then integer arithmetic, with no float-to-int conversion or libm
+    // `round` in the way of vectorisation.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // e^r by its Taylor polynomial to degree 7 (Horner)
     let p = 1.0
@@ -46,11 +51,10 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    let bits = (t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23;
     p * f32::from_bits(bits)
 }
 
-/// tanh through `exp`: tanh(x) = 1 - 2 / (e^{2x} + 1).
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)

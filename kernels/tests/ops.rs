@@ -179,19 +179,21 @@ fn naive_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> Vec<
 fn attention_matches_naive_softmax_and_finite_differences() {
     let be = cpu();
     let mut rng = Rng(5);
-    let (b, t, c, nh) = (2, 9, 16, 4);
-    let mut qkv = rng.vec(b * t * 3 * c, 1.5);
-    let fwd = |qkv: &[f32]| {
-        let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
-        be.run(|| be.attention_forward(&mut out, &mut lse, qkv, b, t, c, nh));
-        (out, lse)
-    };
-    let (out, lse) = fwd(&qkv);
-    assert_close("attention out", &out, &naive_attention(&qkv, b, t, c, nh), 1e-5);
-    let r = rng.vec(b * t * c, 1.0);
-    let mut dqkv = vec![f32::NAN; qkv.len()];
-    be.run(|| be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, b, t, c, nh));
-    check_fd("attention dqkv", &mut qkv, &dqkv, 1e-2, 5e-3, |x| weighted(&fwd(x).0, &r));
+    // One tile, and several tiles of query rows (64 per tile) with a ragged last one.
+    for (b, t, c, nh) in [(2, 9, 16, 4), (1, 150, 8, 2)] {
+        let mut qkv = rng.vec(b * t * 3 * c, 1.5);
+        let fwd = |qkv: &[f32]| {
+            let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
+            be.run(|| be.attention_forward(&mut out, &mut lse, qkv, b, t, c, nh));
+            (out, lse)
+        };
+        let (out, lse) = fwd(&qkv);
+        assert_close("attention out", &out, &naive_attention(&qkv, b, t, c, nh), 1e-5);
+        let r = rng.vec(b * t * c, 1.0);
+        let mut dqkv = vec![f32::NAN; qkv.len()];
+        be.run(|| be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, b, t, c, nh));
+        check_fd("attention dqkv", &mut qkv, &dqkv, 1e-2, 5e-3, |x| weighted(&fwd(x).0, &r));
+    }
 }
 
 #[test]

@@ -1,6 +1,101 @@
+//! `ferrite train JOB.toml`: one process, all the job's steps.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Args;
+use ferrite_kernels::cuda::Device;
+use ferrite_kernels::CpuBackend;
+use ferrite_model::JobSpec;
+use ferrite_worker::trainer::Event;
+use ferrite_worker::{Single, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+
 #[derive(Args)]
-pub struct TrainArgs {}
-pub fn run(_: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+pub struct TrainArgs {
+    /// The job file (TOML: [model], [data], [train], [output]).
+    pub job: PathBuf,
+    /// Continue exactly from this checkpoint folder (overrides [train] resume).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Stop after this many steps (overrides [train] max_steps).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Print one line per step instead of a progress bar.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut spec = JobSpec::load(&args.job)?;
+    if let Some(r) = args.resume {
+        spec.train.resume = Some(r);
+    }
+    if let Some(n) = args.max_steps {
+        spec.train.max_steps = n;
+    }
+    if let Device::Cuda(i) = args.device {
+        ferrite_kernels::cuda::probe(i)?;
+    }
+    let be = Arc::new(CpuBackend::new(spec.train.threads)?);
+    let threads = be.threads();
+    let mut trainer = Trainer::new(be, spec, Box::new(Single)).context("starting the job")?;
+    let (total, start) = (trainer.spec.train.max_steps, trainer.step);
+    eprintln!(
+        "model: {} params ({} layers, {} heads, {} wide, context {}, vocab {}); cpu, {threads} threads",
+        trainer.gpt.cfg.num_params(),
+        trainer.gpt.cfg.n_layer,
+        trainer.gpt.cfg.n_head,
+        trainer.gpt.cfg.n_embd,
+        trainer.gpt.cfg.block_size,
+        trainer.gpt.cfg.vocab_size,
+    );
+    if start > 0 {
+        eprintln!("resumed at step {start}");
+    }
+    let bar = if args.plain || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(total).with_position(start);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                .expect("valid template"),
+        );
+        b
+    };
+    let plain = bar.is_hidden();
+    trainer.run(|ev| match ev {
+        Event::Step(m) => {
+            let line = format!(
+                "step {:>5} | loss {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
+                m.step, m.loss, m.lr, m.step_ms, m.tokens_per_s
+            );
+            if plain {
+                eprintln!("{line}");
+            } else {
+                bar.set_position(m.step);
+                bar.set_message(line);
+            }
+            if let Some(v) = m.val_loss {
+                bar.println(format!("step {:>5} | val loss {v:.4}", m.step));
+                if plain {
+                    eprintln!("step {:>5} | val loss {v:.4}", m.step);
+                }
+            }
+        }
+        Event::Checkpoint { path, .. } => {
+            let line = format!("checkpoint {}", path.display());
+            if plain {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+    })?;
+    bar.finish_and_clear();
+    Ok(())
 }

@@ -1,17 +1,143 @@
-//! Causal multi-head self-attention with the softmax fused in: forward keeps one row of
-//! scores at a time (O(t) memory per row) and saves only each row's log-sum-exp; backward
-//! recomputes the probabilities from it (as flash attention does).
+//! Causal multi-head self-attention with the softmax fused in, tiled as flash attention:
+//! query rows go in blocks of [`BLOCK`]; a block's scores against the keys it may see live
+//! in a per-thread scratch of BLOCK × t floats (O(t) per row), and only each row's
+//! log-sum-exp is saved for backward, which recomputes the probabilities from it. The
+//! products inside a block are single-threaded `gemm` calls on strided views of qkv.
+
+use std::cell::RefCell;
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 use super::SendPtr;
-use crate::math::{self, axpy, dot};
+use crate::math;
 
-/// Longest sequence the CPU kernels accept (the score row lives on the stack).
+/// Longest sequence the CPU kernels accept.
 pub const MAX_SEQ_LEN: usize = 8192;
+/// Query rows per tile.
+const BLOCK: usize = 64;
 
-/// Position of head `h`'s slice of the q (part 0), k (1) or v (2) of row (b, t) in qkv.
+thread_local! {
+    /// Scores / probabilities and their gradient for one tile; grows to BLOCK × t once.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// dst (m,n) [+]= lhs (m,k) @ rhs (k,n) with explicit strides (row, column).
+#[allow(clippy::too_many_arguments)]
 #[inline]
-fn qkv_at(b: usize, t: usize, part: usize, h: usize, tt: usize, c: usize, hs: usize) -> usize {
-    (b * tt + t) * 3 * c + part * c + h * hs
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Geometry of one (batch, head) pair inside qkv (b,t,3c).
+#[derive(Clone, Copy)]
+struct Head {
+    q: usize, // offset of q[0] of this head; k and v follow at +c, +2c
+    c: usize,
+    hs: usize,
+    row: usize, // 3c: stride between positions
+}
+
+impl Head {
+    fn new(bi: usize, h: usize, t: usize, c: usize, nh: usize) -> Head {
+        let hs = c / nh;
+        Head { q: bi * t * 3 * c + h * hs, c, hs, row: 3 * c }
+    }
+}
+
+/// Scores s (rows × keys) = scale · q[i0..i0+rows] · k[0..keys]^T, masked causally and turned
+/// into probabilities with the given (or computed and returned) log-sum-exp per row.
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs(
+    s: &mut [f32],
+    qkv: &[f32],
+    hd: Head,
+    i0: usize,
+    rows: usize,
+    keys: usize,
+    scale: f32,
+    lse: &mut [f32],
+    compute_lse: bool,
+) {
+    let base = qkv.as_ptr();
+    mm(
+        rows,
+        keys,
+        hd.hs,
+        s.as_mut_ptr(),
+        keys,
+        false,
+        base.add(hd.q + i0 * hd.row),
+        hd.row,
+        1,
+        base.add(hd.q + hd.c),
+        1,
+        hd.row,
+        scale,
+    );
+    for r in 0..rows {
+        let visible = i0 + r + 1; // keys 0..=i0+r
+        let row = &mut s[r * keys..(r + 1) * keys];
+        let l = if compute_lse {
+            let max = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0.0f32;
+            for x in &row[..visible] {
+                sum += math::exp(x - max);
+            }
+            lse[r] = max + sum.ln();
+            lse[r]
+        } else {
+            lse[r]
+        };
+        for x in &mut row[..visible] {
+            *x = math::exp(*x - l);
+        }
+        row[visible..].fill(0.0);
+    }
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut v = cell.borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
 }
 
 /// out (b,t,c), lse (b,nh,t) from qkv (b,t,3c).
@@ -27,36 +153,38 @@ pub fn forward(
 ) {
     assert!(t <= MAX_SEQ_LEN, "sequence length {t} above {MAX_SEQ_LEN}");
     assert!(out.len() >= b * t * c && lse.len() >= b * nh * t && qkv.len() >= b * t * 3 * c);
-    let hs = c / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
+    let scale = 1.0 / ((c / nh) as f32).sqrt();
     let (out_p, lse_p) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
-    use rayon::prelude::*;
-    (0..b * nh).into_par_iter().for_each(|bh| {
+    (0..b * nh * t.div_ceil(BLOCK)).into_par_iter().for_each(|job| {
         let (out_p, lse_p) = (out_p, lse_p);
+        let (bh, blk) = (job / t.div_ceil(BLOCK), job % t.div_ceil(BLOCK));
         let (bi, h) = (bh / nh, bh % nh);
-        let mut scores = [0.0f32; MAX_SEQ_LEN];
-        for ti in 0..t {
-            let q = &qkv[qkv_at(bi, ti, 0, h, t, c, hs)..][..hs];
-            let mut max = f32::NEG_INFINITY;
-            for (t2, s) in scores[..=ti].iter_mut().enumerate() {
-                *s = dot(q, &qkv[qkv_at(bi, t2, 1, h, t, c, hs)..][..hs]) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0f32;
-            for s in scores[..=ti].iter_mut() {
-                *s = math::exp(*s - max);
-                sum += *s;
-            }
-            // SAFETY: row (bi, ti), columns of head h: written by this task only.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_p.0.add((bi * t + ti) * c + h * hs), hs) };
-            o.fill(0.0);
-            let inv = 1.0 / sum;
-            for (t2, &p) in scores[..=ti].iter().enumerate() {
-                axpy(o, p * inv, &qkv[qkv_at(bi, t2, 2, h, t, c, hs)..][..hs]);
-            }
-            // SAFETY: index (bi, h, ti) belongs to this task.
-            unsafe { *lse_p.0.add(bh * t + ti) = max + sum.ln() };
-        }
+        let hd = Head::new(bi, h, t, c, nh);
+        let i0 = blk * BLOCK;
+        let rows = BLOCK.min(t - i0);
+        let keys = i0 + rows;
+        with_scratch(rows * keys, |s| unsafe {
+            // SAFETY: this job owns lse[(bh, i0..i0+rows)] and head h's columns of out rows
+            // i0..i0+rows of batch bi; all offsets are inside the asserted lengths.
+            let l = std::slice::from_raw_parts_mut(lse_p.0.add(bh * t + i0), rows);
+            probs(s, qkv, hd, i0, rows, keys, scale, l, true);
+            // out[i0..] (rows × hs) = p (rows × keys) @ v (keys × hs)
+            mm(
+                rows,
+                hd.hs,
+                keys,
+                out_p.0.add((bi * t + i0) * c + h * hd.hs),
+                c,
+                false,
+                s.as_ptr(),
+                keys,
+                1,
+                qkv.as_ptr().add(hd.q + 2 * c),
+                hd.row,
+                1,
+                1.0,
+            );
+        });
     });
 }
 
@@ -75,39 +203,57 @@ pub fn backward(
 ) {
     assert!(dqkv.len() >= b * t * 3 * c && dout.len() >= b * t * c && out.len() >= b * t * c);
     assert!(lse.len() >= b * nh * t && qkv.len() >= b * t * 3 * c);
-    let hs = c / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
+    let scale = 1.0 / ((c / nh) as f32).sqrt();
     let dp = SendPtr(dqkv.as_mut_ptr());
-    use rayon::prelude::*;
+    // dk and dv accumulate over query blocks, so one job owns a whole (batch, head).
     (0..b * nh).into_par_iter().for_each(|bh| {
         let dp = dp;
         let (bi, h) = (bh / nh, bh % nh);
-        // SAFETY: every slice below is head h's part of a row of batch bi: this task's alone,
-        // and the three parts (q, k, v) never overlap.
-        let grad = |ti: usize, part: usize| unsafe {
-            std::slice::from_raw_parts_mut(dp.0.add(qkv_at(bi, ti, part, h, t, c, hs)), hs)
-        };
-        for ti in 0..t {
-            for part in 0..3 {
-                grad(ti, part).fill(0.0);
+        let hd = Head::new(bi, h, t, c, nh);
+        let mut lse_row = [0.0f32; BLOCK];
+        // SAFETY: this job owns head h's q, k and v columns of every row of batch bi in
+        // dqkv; offsets stay inside the asserted lengths.
+        unsafe {
+            for ti in 0..t {
+                let at = dp.0.add(hd.q + ti * hd.row);
+                for part in 0..3 {
+                    std::slice::from_raw_parts_mut(at.add(part * c), hd.hs).fill(0.0);
+                }
             }
         }
-        for ti in 0..t {
-            let q = &qkv[qkv_at(bi, ti, 0, h, t, c, hs)..][..hs];
-            let dq = grad(ti, 0);
-            let row = (bi * t + ti) * c + h * hs;
-            let (g, o) = (&dout[row..row + hs], &out[row..row + hs]);
-            let d = dot(g, o);
-            let l = lse[bh * t + ti];
-            for t2 in 0..=ti {
-                let k = &qkv[qkv_at(bi, t2, 1, h, t, c, hs)..][..hs];
-                let v = &qkv[qkv_at(bi, t2, 2, h, t, c, hs)..][..hs];
-                let p = math::exp(dot(q, k) * scale - l);
-                let ds = p * (dot(g, v) - d) * scale;
-                axpy(dq, ds, k);
-                axpy(grad(t2, 1), ds, q);
-                axpy(grad(t2, 2), p, g);
-            }
+        for i0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - i0);
+            let keys = i0 + rows;
+            lse_row[..rows].copy_from_slice(&lse[bh * t + i0..bh * t + i0 + rows]);
+            with_scratch(2 * rows * keys, |scratch| unsafe {
+                let (p, dpr) = scratch.split_at_mut(rows * keys);
+                probs(p, qkv, hd, i0, rows, keys, scale, &mut lse_row[..rows], false);
+                let o_row = (bi * t + i0) * c + h * hd.hs; // dout/out offset of row i0
+                let g = dout.as_ptr().add(o_row);
+                // dP (rows × keys) = dout (rows × hs) @ v^T (hs × keys)
+                mm(rows, keys, hd.hs, dpr.as_mut_ptr(), keys, false, g, c, 1,
+                   qkv.as_ptr().add(hd.q + 2 * c), 1, hd.row, 1.0);
+                // dS = P ∘ (dP − rowsum(dout ∘ out)) · scale, in place of dP
+                for r in 0..rows {
+                    let off = o_row + r * c;
+                    let d = math::dot(&dout[off..off + hd.hs], &out[off..off + hd.hs]);
+                    let (pr, dr) = (&p[r * keys..(r + 1) * keys], &mut dpr[r * keys..(r + 1) * keys]);
+                    for (x, &pp) in dr.iter_mut().zip(pr) {
+                        *x = pp * (*x - d) * scale;
+                    }
+                }
+                let k = qkv.as_ptr().add(hd.q + hd.c);
+                let q = qkv.as_ptr().add(hd.q + i0 * hd.row);
+                // dq[i0..] (rows × hs) = dS (rows × keys) @ k (keys × hs)
+                mm(rows, hd.hs, keys, dp.0.add(hd.q + i0 * hd.row), hd.row, false,
+                   dpr.as_ptr(), keys, 1, k, hd.row, 1, 1.0);
+                // dk[..keys] (keys × hs) += dS^T (keys × rows) @ q (rows × hs)
+                mm(keys, hd.hs, rows, dp.0.add(hd.q + hd.c), hd.row, true,
+                   dpr.as_ptr(), 1, keys, q, hd.row, 1, 1.0);
+                // dv[..keys] (keys × hs) += P^T (keys × rows) @ dout (rows × hs)
+                mm(keys, hd.hs, rows, dp.0.add(hd.q + 2 * hd.c), hd.row, true,
+                   p.as_ptr(), 1, keys, g, c, 1, 1.0);
+            });
         }
     });
 }

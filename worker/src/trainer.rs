@@ -1,0 +1,281 @@
+//! The step loop: sample, forward, backward, all-reduce, clip, AdamW; eval, metrics and
+//! checkpoints around it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferrite_data::Dataset;
+use ferrite_kernels::{AdamW, Backend};
+use ferrite_model::checkpoint::{self, TrainerState};
+use ferrite_model::schedule::lr_at;
+use ferrite_model::{Gpt, JobSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Sampler, Split};
+use crate::collective::Collective;
+use crate::WorkerError;
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub grad_norm: f32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f32>,
+}
+
+/// What the caller hears about besides steps.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Step(StepMetrics),
+    Checkpoint { step: u64, path: PathBuf, val_loss: Option<f32> },
+}
+
+pub struct Trainer<B: Backend> {
+    pub be: Arc<B>,
+    pub spec: JobSpec,
+    pub gpt: Gpt<B>,
+    data: Dataset,
+    collective: Box<dyn Collective<B>>,
+    /// Optimizer steps completed.
+    pub step: u64,
+    tokens: Vec<i32>,
+    targets: Vec<i32>,
+    last_val: Option<f32>,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Opens the data, builds the model and starts it from scratch, from `init_from` or from
+    /// `resume`, as the job says.
+    pub fn new(be: Arc<B>, spec: JobSpec, collective: Box<dyn Collective<B>>) -> Result<Self, WorkerError> {
+        spec.validate()?;
+        let data = Dataset::open(&spec.data.dir)?;
+        let mut cfg = spec.gpt_config(data.tokenizer.vocab_size());
+        let (b, t) = (spec.train.batch_size, spec.model.block_size);
+        let mut step = 0;
+        let mut start: Option<(PathBuf, bool)> = None;
+        if let Some(dir) = &spec.train.resume {
+            start = Some((dir.clone(), true));
+        } else if let Some(dir) = &spec.train.init_from {
+            start = Some((dir.clone(), false));
+        }
+        let loaded = match &start {
+            Some((dir, _)) => {
+                let ck = checkpoint::load_weights(dir)?;
+                check_same_shape(&ck.config, &cfg, dir)?;
+                cfg = ck.config.clone();
+                Some(ck)
+            }
+            None => None,
+        };
+        if cfg.vocab_size < data.tokenizer.vocab_size() {
+            return Err(WorkerError::Dataset(format!(
+                "the data's tokenizer has {} tokens but the model only {}",
+                data.tokenizer.vocab_size(),
+                cfg.vocab_size
+            )));
+        }
+        let mut gpt = Gpt::new(&*be, cfg, b, t)?;
+        match (&start, loaded) {
+            (Some((dir, resume)), Some(ck)) => {
+                be.upload(&mut gpt.params, &ck.params)?;
+                if *resume {
+                    let state = checkpoint::load_state(dir)?;
+                    let (m, v) = checkpoint::load_optimizer(dir, &gpt.layout)?;
+                    be.upload(&mut gpt.m, &m)?;
+                    be.upload(&mut gpt.v, &v)?;
+                    step = state.step;
+                }
+            }
+            _ => gpt.init_gpt2(&*be, spec.train.seed)?,
+        }
+        let n = b * t;
+        Ok(Trainer {
+            be,
+            spec,
+            gpt,
+            data,
+            collective,
+            step,
+            tokens: vec![0; n],
+            targets: vec![0; n],
+            last_val: None,
+        })
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        let t = &self.spec.train;
+        t.batch_size * self.spec.model.block_size * t.grad_accum * self.collective.world()
+    }
+
+    /// Runs until `max_steps`, calling `on_event` after every step and checkpoint.
+    pub fn run(&mut self, mut on_event: impl FnMut(&Event) + Send) -> Result<(), WorkerError>
+    where
+        Self: Send,
+    {
+        let be = self.be.clone();
+        be.run(|| self.run_loop(&mut on_event))
+    }
+
+    fn run_loop(&mut self, on_event: &mut (impl FnMut(&Event) + Send)) -> Result<(), WorkerError> {
+        let out = self.spec.output.dir.clone();
+        let rank0 = self.collective.rank() == 0;
+        let mut metrics = if rank0 { Some(open_metrics(&out, self.step)?) } else { None };
+        let tr = self.spec.train.clone();
+        let total = tr.max_steps;
+        while self.step < total {
+            let started = Instant::now();
+            let (loss, lr, norm) = self.train_step()?;
+            let step_ms = started.elapsed().as_secs_f64() * 1e3;
+            self.step += 1;
+            let last = self.step == total;
+            let mut val_loss = None;
+            if (tr.eval_interval > 0 && self.step % tr.eval_interval == 0) || last {
+                val_loss = Some(self.eval()?);
+                self.last_val = val_loss;
+            }
+            let m = StepMetrics {
+                step: self.step,
+                loss,
+                lr,
+                step_ms,
+                tokens_per_s: self.tokens_per_step() as f64 / (step_ms / 1e3),
+                grad_norm: norm,
+                val_loss,
+            };
+            if let Some(f) = metrics.as_mut() {
+                let line = serde_json::to_string(&m).expect("metrics serialise");
+                writeln!(f, "{line}").map_err(WorkerError::io("metrics.jsonl"))?;
+            }
+            on_event(&Event::Step(m));
+            let every = self.spec.output.checkpoint_interval;
+            if rank0 && ((every > 0 && self.step % every == 0) || last) {
+                let path = self.save_checkpoint()?;
+                on_event(&Event::Checkpoint { step: self.step, path, val_loss: self.last_val });
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step; returns (mean loss over ranks and micro-batches, lr, grad norm).
+    pub fn train_step(&mut self) -> Result<(f32, f32, f32), WorkerError> {
+        let tr = &self.spec.train;
+        let (b, t) = (tr.batch_size, self.spec.model.block_size);
+        let (rank, world) = (self.collective.rank(), self.collective.world());
+        let lr = lr_at(self.step, tr.learning_rate, tr.min_lr, tr.warmup_steps, tr.lr_decay_steps);
+        let mut sampler =
+            Sampler::new(&self.data.train, self.data.train_mask.as_ref(), tr.seed, Split::Train, t)?;
+        self.gpt.zero_grad(&*self.be);
+        let mut loss_sum = 0.0f64;
+        for micro in 0..tr.grad_accum {
+            sampler.fill(self.step, micro, rank, world, b, &mut self.tokens, &mut self.targets);
+            let loss = self
+                .gpt
+                .forward(&*self.be, &self.tokens, Some(&self.targets), b, t)?
+                .expect("targets given");
+            self.gpt.backward(&*self.be, loss, 1.0 / tr.grad_accum as f32)?;
+            loss_sum += loss.mean as f64;
+        }
+        let n = self.gpt.layout.len();
+        self.collective.all_reduce_mean(&*self.be, &mut self.gpt.grads, n)?;
+        let loss = self.collective.mean_scalar(loss_sum / tr.grad_accum as f64)? as f32;
+        let opt = AdamW {
+            lr,
+            beta1: tr.beta1,
+            beta2: tr.beta2,
+            eps: tr.eps,
+            weight_decay: tr.weight_decay,
+            grad_scale: 1.0,
+            step: self.step + 1,
+        };
+        let norm = self.gpt.step(&*self.be, &opt, tr.grad_clip);
+        Ok((loss, lr, norm))
+    }
+
+    /// Mean validation loss over `eval_steps` fixed batches (the same ones every time).
+    pub fn eval(&mut self) -> Result<f32, WorkerError> {
+        let tr = &self.spec.train;
+        let (b, t) = (tr.batch_size, self.spec.model.block_size);
+        let (rank, world) = (self.collective.rank(), self.collective.world());
+        let mut sampler =
+            Sampler::new(&self.data.val, self.data.val_mask.as_ref(), tr.seed, Split::Val, t)?;
+        let mut sum = 0.0f64;
+        let steps = tr.eval_steps.max(1);
+        for k in 0..steps {
+            sampler.fill(k, 0, rank, world, b, &mut self.tokens, &mut self.targets);
+            let loss = self
+                .gpt
+                .forward(&*self.be, &self.tokens, Some(&self.targets), b, t)?
+                .expect("targets given");
+            sum += loss.mean as f64;
+        }
+        Ok(self.collective.mean_scalar(sum / steps as f64)? as f32)
+    }
+
+    /// Writes a checkpoint of the current step under `<output>/checkpoints/` and prunes old
+    /// ones; returns its folder.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, WorkerError> {
+        let state = TrainerState {
+            step: self.step,
+            data_position: self.step,
+            seed: self.spec.train.seed,
+            val_loss: self.last_val,
+            job: self.spec.clone(),
+        };
+        let root = self.spec.output.dir.join("checkpoints");
+        let path = checkpoint::save(
+            &*self.be,
+            &self.gpt,
+            &state,
+            &self.spec.data.dir.join("tokenizer.json"),
+            &root,
+        )?;
+        checkpoint::prune(&root, self.spec.output.keep_checkpoints)?;
+        Ok(path)
+    }
+}
+
+fn check_same_shape(
+    ck: &ferrite_model::GptConfig,
+    job: &ferrite_model::GptConfig,
+    dir: &Path,
+) -> Result<(), WorkerError> {
+    let same = ck.n_layer == job.n_layer
+        && ck.n_head == job.n_head
+        && ck.n_embd == job.n_embd
+        && ck.block_size >= job.block_size;
+    if same {
+        Ok(())
+    } else {
+        Err(WorkerError::Dataset(format!(
+            "checkpoint {} has shape {ck:?}, the job asks for {job:?}",
+            dir.display()
+        )))
+    }
+}
+
+/// Opens `metrics.jsonl` for appending, first dropping lines past `step` (a resumed run
+/// rewrites what the interrupted one logged after its checkpoint).
+fn open_metrics(out: &Path, step: u64) -> Result<File, WorkerError> {
+    std::fs::create_dir_all(out).map_err(WorkerError::io(out.display().to_string()))?;
+    let path = out.join("metrics.jsonl");
+    if step == 0 {
+        return File::create(&path).map_err(WorkerError::io(path.display().to_string()));
+    }
+    let kept: String = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, kept).map_err(WorkerError::io(path.display().to_string()))?;
+    OpenOptions::new().append(true).open(&path).map_err(WorkerError::io(path.display().to_string()))
+}
