@@ -1,1 +1,39 @@
-//! The control plane (filled in by the cluster work).
+//! Ferrite's control plane: jobs, scheduling, worker membership, the state store and the
+//! checkpoint registry.
+//!
+//! Owns: every piece of cluster state (jobs, their state machine and history, worker leases,
+//! published checkpoints) and the decision of which job runs on which workers.
+//! Must not depend on: `ferrite-kernels`, `ferrite-model`, `ferrite-worker` (the control plane
+//! runs no math and never links the training role). Generated gRPC types (`ferrite-proto`)
+//! are used only in [`rpc`]; everything else works on domain types.
+//!
+//! Layout:
+//! - [`error`] — the crate's one error enum and its retryability.
+//! - [`job`] — domain types: [`JobId`], [`JobSpec`], [`JobState`] and its transitions, [`Job`].
+//! - [`store`] — the [`Store`] trait with [`EmbeddedStore`] (redb file, the default) and
+//!   [`EtcdStore`]; one conformance suite in `tests/store_conformance.rs` covers both.
+//! - [`scheduler`] — a pure `schedule(&ClusterView) -> Vec<Action>`.
+//! - [`jobs`] — the job registry over a store: submit, transitions, assignments.
+//! - [`checkpoints`] — the checkpoint registry: record, list, newest.
+//! - [`members`] — worker membership held by store leases.
+//! - [`rpc`] — the edge to `ferrite.v1`: conversions and the error -> `Status` mapping (the
+//!   gRPC services themselves are not written yet).
+
+pub mod checkpoints;
+pub mod error;
+pub mod job;
+pub mod jobs;
+mod keys;
+pub mod members;
+pub mod rpc;
+pub mod scheduler;
+pub mod store;
+
+pub use checkpoints::CheckpointRegistry;
+pub use error::{Error, Result};
+pub use job::WorkerId;
+pub use job::{Checkpoint, DeviceKind, Job, JobId, JobKind, JobSpec, JobState, StateChange};
+pub use jobs::JobRegistry;
+pub use members::{MemberEvent, WorkerCapabilities, WorkerInfo, WorkerRegistry};
+pub use scheduler::{schedule, Action, ClusterView, FreeWorker, PendingJob, QueueingStrategy};
+pub use store::{EmbeddedStore, EtcdStore, Store, StoreExt};
