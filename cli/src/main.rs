@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Train a model in this process from a job file.
     Train(cmd::train::TrainArgs),
+    /// Sample text from a checkpoint in this process.
+    Generate(cmd::generate::GenerateArgs),
     /// Print the token ids of a text.
     Tokenize(cmd::data::TokenizeArgs),
     /// Print the text of token ids.
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => cmd::train::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Tokenize(args) => cmd::data::tokenize(args),
         Command::Detokenize(args) => cmd::data::detokenize(args),
         Command::Data(DataCommand::Prepare(args)) => cmd::data::prepare(args),

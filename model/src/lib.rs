@@ -9,15 +9,19 @@
 //! - [`gpt`]: [`Gpt`], forward/backward/AdamW step.
 //! - [`checkpoint`]: Hugging Face-compatible checkpoint folders, save, load, prune.
 //! - [`job`]: the TOML job file (`[model]`, `[data]`, `[train]`, `[output]`).
+//! - [`sample`]: temperature, top-k, top-p sampling with a counter-based RNG.
+//! - [`generate`]: KV-cached decoding on the CPU.
 //! - [`schedule`]: warmup + cosine learning rate.
 //! - [`rng`]: a small serialisable RNG.
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod gpt;
 pub mod job;
 pub mod layout;
 pub mod rng;
+pub mod sample;
 pub mod schedule;
 
 pub use config::GptConfig;
@@ -32,6 +36,8 @@ pub enum ModelError {
     Shape(String),
     #[error("checkpoint {0}")]
     Checkpoint(String),
+    #[error("sampling: {0}")]
+    Sampling(String),
     #[error("job file: {0}")]
     Job(String),
     #[error(transparent)]

@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod data;
+pub mod generate;
 pub mod train;

@@ -257,3 +257,48 @@ pub fn backward(
         }
     });
 }
+
+/// Attention of `rows` new positions against a KV cache, for decoding: row r of `q` (rows,
+/// c) sits at position `past + r` and sees keys 0..=past + r. `k` and `v` are (≥ past + rows,
+/// c) with the new positions already written. Writes out (rows, c).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    past: usize,
+    rows: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let keys = past + rows;
+    assert!(out.len() >= rows * c && q.len() >= rows * c && k.len() >= keys * c && v.len() >= keys * c);
+    let op = SendPtr(out.as_mut_ptr());
+    (0..rows * nh).into_par_iter().for_each(|job| {
+        let op = op;
+        let (r, h) = (job / nh, job % nh);
+        let visible = past + r + 1;
+        with_scratch(visible, |s| {
+            let qr = &q[r * c + h * hs..r * c + (h + 1) * hs];
+            let mut max = f32::NEG_INFINITY;
+            for (j, x) in s.iter_mut().enumerate() {
+                *x = math::dot(qr, &k[j * c + h * hs..j * c + (h + 1) * hs]) * scale;
+                max = max.max(*x);
+            }
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = math::exp(*x - max);
+                sum += *x;
+            }
+            // SAFETY: row r, head h of out belongs to this job alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(r * c + h * hs), hs) };
+            o.fill(0.0);
+            for (j, &p) in s.iter().enumerate() {
+                math::axpy(o, p / sum, &v[j * c + h * hs..j * c + (h + 1) * hs]);
+            }
+        })
+    });
+}

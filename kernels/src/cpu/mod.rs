@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
-pub use attention::MAX_SEQ_LEN;
+pub use attention::{attention_cached, MAX_SEQ_LEN};
 
 /// Rows below this many elements are not worth sending to another thread.
 const MIN_PAR_ELEMS: usize = 1 << 14;
