@@ -122,3 +122,55 @@ fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     }
     assert!(full_params.iter().zip(&rest_params).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
+
+#[test]
+fn finetune_from_checkpoint_lowers_completion_loss_and_ignores_prompt_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let pre_out = tmp.path().join("pre");
+    train(job(&data, &pre_out, 20, ""));
+    let ck = pre_out.join("checkpoints").join("step-00000020");
+
+    // Prompt/completion pairs in the pretraining alphabet: the answer is the prompt reversed.
+    let words = ["cat", "dog", "fog", "mat", "king", "sing", "ran", "sat"];
+    let lines: String = (0..200)
+        .map(|i| {
+            let w = words[i % words.len()];
+            let rev: String = w.chars().rev().collect();
+            format!("{{\"prompt\": \"sing {w} then \", \"completion\": \"{rev}.\\n\"}}\n")
+        })
+        .collect();
+    let jsonl = tmp.path().join("ft.jsonl");
+    std::fs::write(&jsonl, lines).unwrap();
+    let ft_data = tmp.path().join("ft");
+    let mut opts = ferrite_data::PrepareOptions::new(
+        data.join("tokenizer.json").to_str().unwrap(),
+        &ft_data,
+        vec![jsonl],
+    );
+    opts.format = ferrite_data::InputFormat::Jsonl;
+    ferrite_data::prepare(&opts, |_, _| {}).unwrap();
+
+    // Only completion targets count: the sampler marks prompt targets as ignored.
+    let ds = ferrite_data::Dataset::open(&ft_data).unwrap();
+    let mask = ds.train_mask.as_ref().expect("jsonl data has a mask");
+    let mut sampler = ferrite_worker::batch::Sampler::new(
+        &ds.train,
+        Some(mask),
+        1,
+        ferrite_worker::batch::Split::Train,
+        16,
+    )
+    .unwrap();
+    let (mut tokens, mut targets) = (vec![0; 64], vec![0; 64]);
+    sampler.fill(0, 0, 0, 1, 4, &mut tokens, &mut targets);
+    let ignored = targets.iter().filter(|&&t| t == ferrite_kernels::IGNORE_INDEX).count();
+    assert!(ignored > 0 && ignored < 64, "{ignored} of 64 targets ignored");
+
+    let extra = format!("init_from = \"{}\"", ck.display());
+    let spec = job(&ft_data, &tmp.path().join("ft-out"), 40, &extra);
+    let spec = JobSpec { kind: ferrite_model::job::JobKind::Finetune, ..spec };
+    let (steps, _) = train(spec);
+    let (first, last) = (steps[0].loss, steps.last().unwrap().loss);
+    assert!(last < first * 0.5, "completion loss {first} -> {last}");
+}
