@@ -41,6 +41,9 @@ pub struct StepArgs {
     vocab: usize,
     #[arg(long, default_value_t = 256)]
     seq: usize,
+    /// Position-embedding table size (GPT-2's 1024).
+    #[arg(long, default_value_t = 1024)]
+    block: usize,
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Timed steps after one warm-up step; the median is reported.
@@ -94,7 +97,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         n_layer: a.layers,
         n_head: a.heads,
         n_embd: a.embd,
-        block_size: a.seq,
+        block_size: a.block.max(a.seq),
         vocab_size: a.vocab,
     };
     let mut gpt = Gpt::new(&be, cfg.clone(), a.batch, a.seq)?;

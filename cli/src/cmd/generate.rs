@@ -54,6 +54,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         // An empty prompt starts from the end-of-text token, or token 0 without one.
         prompt.push(tok.eot().unwrap_or(0));
     }
+    if !a.json {
+        print!("{}", a.prompt);
+    }
     let mut stream = TextStream::new(&a.stop);
     let mut ids = Vec::new();
     let mut err = None;
