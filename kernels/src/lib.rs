@@ -19,9 +19,10 @@
 //!   accumulates, because it lands on the residual stream that already holds a gradient.
 //! - Results are deterministic for a given thread count: reductions never depend on timing.
 
+#[macro_use]
+mod math;
 pub mod cpu;
 pub mod cuda;
-mod math;
 
 use std::ops::Range;
 

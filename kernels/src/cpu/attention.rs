@@ -123,10 +123,17 @@ unsafe fn probs(
         } else {
             lse[r]
         };
-        for x in &mut row[..visible] {
-            *x = math::exp(*x - l);
-        }
+        exp_shifted(&mut row[..visible], l);
         row[visible..].fill(0.0);
+    }
+}
+
+math::multiversion! {
+    /// x = e^(x - shift), elementwise.
+    pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = math::exp(*v - shift);
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Fused softmax + cross-entropy over padded logits, with an ignore index.
 
 use super::for_rows;
-use crate::{math, IGNORE_INDEX};
+use super::attention::exp_shifted;
+use crate::IGNORE_INDEX;
 
 /// logits (n,vp) become probabilities in place; losses (n) = -ln p[target].
 pub fn forward(
@@ -18,11 +19,8 @@ pub fn forward(
         let lp = lp;
         let (z, pad) = row.split_at_mut(v);
         let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        for x in z.iter_mut() {
-            *x = math::exp(*x - max);
-            sum += *x;
-        }
+        exp_shifted(z, max);
+        let sum = z.iter().sum::<f32>();
         let inv = 1.0 / sum;
         z.iter_mut().for_each(|x| *x *= inv);
         pad.fill(0.0);
