@@ -43,7 +43,7 @@ impl GptConfig {
         if self.n_head == 0 {
             return bad("n_head", "must be at least 1".into());
         }
-        if self.n_embd == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
                 "n_embd",
                 format!("{} is not a positive multiple of n_head = {}", self.n_embd, self.n_head),

@@ -174,9 +174,9 @@ impl Generator {
         params.validate()?;
         self.reset();
         let mut out = Vec::with_capacity(max_tokens);
-        let mut position = prompt.len() as u64;
         self.feed(prompt)?;
         for i in 0..max_tokens {
+            let position = (prompt.len() + i) as u64;
             let mut dist = std::mem::take(&mut self.s.dist);
             let logits = &self.s.logits[..self.cfg.vocab_size];
             let next = sample(logits, params, position, &mut dist);
@@ -186,7 +186,6 @@ impl Generator {
                 break;
             }
             self.feed(&[next.token])?;
-            position += 1;
         }
         Ok(out)
     }

@@ -164,6 +164,8 @@ impl JobSpec {
     }
 
     /// Checks everything that can be checked without the data; errors name the field.
+    // `!(x > 0.0)` rather than `x <= 0.0`: NaN must fail too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<(), ModelError> {
         let cfg = self.gpt_config(self.model.vocab_size.unwrap_or(1));
         cfg.validate().map_err(|e| match e {

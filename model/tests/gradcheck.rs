@@ -72,8 +72,8 @@ fn loss_at_initialisation_is_near_ln_vocab() {
     let cfg = GptConfig { n_layer: 2, n_head: 4, n_embd: 32, block_size: 16, vocab_size: 65 };
     let mut gpt = Gpt::new(&be, cfg, 4, 16).unwrap();
     gpt.init_gpt2(&be, 1337).unwrap();
-    let tokens: Vec<i32> = (0..64).map(|i| (i * 13 % 65) as i32).collect();
-    let targets: Vec<i32> = (0..64).map(|i| (i * 29 % 65) as i32).collect();
+    let tokens: Vec<i32> = (0..64).map(|i| i * 13 % 65).collect();
+    let targets: Vec<i32> = (0..64).map(|i| i * 29 % 65).collect();
     let loss = gpt.forward(&be, &tokens, Some(&targets), 4, 16).unwrap().unwrap();
     assert!((loss.mean - (65f32).ln()).abs() < 0.1, "loss {}", loss.mean);
 }

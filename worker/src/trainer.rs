@@ -138,7 +138,7 @@ impl<B: Backend> Trainer<B> {
             self.step += 1;
             let last = self.step == total;
             let mut val_loss = None;
-            if (tr.eval_interval > 0 && self.step % tr.eval_interval == 0) || last {
+            if (tr.eval_interval > 0 && self.step.is_multiple_of(tr.eval_interval)) || last {
                 val_loss = Some(self.eval()?);
                 self.last_val = val_loss;
             }
@@ -157,7 +157,7 @@ impl<B: Backend> Trainer<B> {
             }
             on_event(&Event::Step(m));
             let every = self.spec.output.checkpoint_interval;
-            if rank0 && ((every > 0 && self.step % every == 0) || last) {
+            if rank0 && ((every > 0 && self.step.is_multiple_of(every)) || last) {
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint { step: self.step, path, val_loss: self.last_val });
             }

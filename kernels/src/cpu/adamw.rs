@@ -27,9 +27,8 @@ pub fn update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h
     assert!(grads.len() == n && m.len() == n && v.len() == n);
     let bc1 = 1.0 - hp.beta1.powi(hp.step as i32);
     let bc2 = 1.0 - hp.beta2.powi(hp.step as i32);
-    let go = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
-        update_chunk(p, g, m, v, hp, bc1, bc2)
-    };
+    type Chunks<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+    let go = |(((p, g), m), v): Chunks| update_chunk(p, g, m, v, hp, bc1, bc2);
     if n <= CHUNK {
         go((((params, grads), m), v));
     } else {

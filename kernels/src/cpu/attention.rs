@@ -163,7 +163,6 @@ pub fn forward(
     let scale = 1.0 / ((c / nh) as f32).sqrt();
     let (out_p, lse_p) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     (0..b * nh * t.div_ceil(BLOCK)).into_par_iter().for_each(|job| {
-        let (out_p, lse_p) = (out_p, lse_p);
         let (bh, blk) = (job / t.div_ceil(BLOCK), job % t.div_ceil(BLOCK));
         let (bi, h) = (bh / nh, bh % nh);
         let hd = Head::new(bi, h, t, c, nh);
@@ -173,14 +172,14 @@ pub fn forward(
         with_scratch(rows * keys, |s| unsafe {
             // SAFETY: this job owns lse[(bh, i0..i0+rows)] and head h's columns of out rows
             // i0..i0+rows of batch bi; all offsets are inside the asserted lengths.
-            let l = std::slice::from_raw_parts_mut(lse_p.0.add(bh * t + i0), rows);
+            let l = std::slice::from_raw_parts_mut(lse_p.get().add(bh * t + i0), rows);
             probs(s, qkv, hd, i0, rows, keys, scale, l, true);
             // out[i0..] (rows × hs) = p (rows × keys) @ v (keys × hs)
             mm(
                 rows,
                 hd.hs,
                 keys,
-                out_p.0.add((bi * t + i0) * c + h * hd.hs),
+                out_p.get().add((bi * t + i0) * c + h * hd.hs),
                 c,
                 false,
                 s.as_ptr(),
@@ -214,7 +213,6 @@ pub fn backward(
     let dp = SendPtr(dqkv.as_mut_ptr());
     // dk and dv accumulate over query blocks, so one job owns a whole (batch, head).
     (0..b * nh).into_par_iter().for_each(|bh| {
-        let dp = dp;
         let (bi, h) = (bh / nh, bh % nh);
         let hd = Head::new(bi, h, t, c, nh);
         let mut lse_row = [0.0f32; BLOCK];
@@ -222,7 +220,7 @@ pub fn backward(
         // dqkv; offsets stay inside the asserted lengths.
         unsafe {
             for ti in 0..t {
-                let at = dp.0.add(hd.q + ti * hd.row);
+                let at = dp.get().add(hd.q + ti * hd.row);
                 for part in 0..3 {
                     std::slice::from_raw_parts_mut(at.add(part * c), hd.hs).fill(0.0);
                 }
@@ -252,13 +250,13 @@ pub fn backward(
                 let k = qkv.as_ptr().add(hd.q + hd.c);
                 let q = qkv.as_ptr().add(hd.q + i0 * hd.row);
                 // dq[i0..] (rows × hs) = dS (rows × keys) @ k (keys × hs)
-                mm(rows, hd.hs, keys, dp.0.add(hd.q + i0 * hd.row), hd.row, false,
+                mm(rows, hd.hs, keys, dp.get().add(hd.q + i0 * hd.row), hd.row, false,
                    dpr.as_ptr(), keys, 1, k, hd.row, 1, 1.0);
                 // dk[..keys] (keys × hs) += dS^T (keys × rows) @ q (rows × hs)
-                mm(keys, hd.hs, rows, dp.0.add(hd.q + hd.c), hd.row, true,
+                mm(keys, hd.hs, rows, dp.get().add(hd.q + hd.c), hd.row, true,
                    dpr.as_ptr(), 1, keys, q, hd.row, 1, 1.0);
                 // dv[..keys] (keys × hs) += P^T (keys × rows) @ dout (rows × hs)
-                mm(keys, hd.hs, rows, dp.0.add(hd.q + 2 * hd.c), hd.row, true,
+                mm(keys, hd.hs, rows, dp.get().add(hd.q + 2 * hd.c), hd.row, true,
                    p.as_ptr(), 1, keys, g, c, 1, 1.0);
             });
         }
@@ -285,7 +283,6 @@ pub fn attention_cached(
     assert!(out.len() >= rows * c && q.len() >= rows * c && k.len() >= keys * c && v.len() >= keys * c);
     let op = SendPtr(out.as_mut_ptr());
     (0..rows * nh).into_par_iter().for_each(|job| {
-        let op = op;
         let (r, h) = (job / nh, job % nh);
         let visible = past + r + 1;
         with_scratch(visible, |s| {
@@ -301,7 +298,7 @@ pub fn attention_cached(
                 sum += *x;
             }
             // SAFETY: row r, head h of out belongs to this job alone.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(r * c + h * hs), hs) };
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * c + h * hs), hs) };
             o.fill(0.0);
             for (j, &p) in s.iter().enumerate() {
                 math::axpy(o, p / sum, &v[j * c + h * hs..j * c + (h + 1) * hs]);

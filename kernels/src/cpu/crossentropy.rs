@@ -16,7 +16,6 @@ pub fn forward(
     assert!(losses.len() >= n && targets.len() >= n && logits.len() >= n * vp);
     let lp = super::SendPtr(losses.as_mut_ptr());
     for_rows(&mut logits[..n * vp], vp, |i, row| {
-        let lp = lp;
         let (z, pad) = row.split_at_mut(v);
         let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         exp_shifted(z, max);
@@ -33,7 +32,7 @@ pub fn forward(
             -(zt.ln() - sum.ln())
         };
         // SAFETY: i < n (asserted), one task per row.
-        unsafe { *lp.0.add(i) = loss };
+        unsafe { *lp.get().add(i) = loss };
     });
 }
 

@@ -39,7 +39,6 @@ pub fn backward(
     let (wte_ptr, wpe_ptr) = (SendPtr(dwte.as_mut_ptr()), SendPtr(dwpe.as_mut_ptr()));
     let (wte_len, wpe_len) = (dwte.len(), dwpe.len());
     par_ranges(c, rayon::current_num_threads(), 16, |r| {
-        let (wte_ptr, wpe_ptr) = (wte_ptr, wpe_ptr);
         for bt in 0..b * t {
             let tok = tokens[bt] as usize;
             let pos = bt % t;
@@ -48,8 +47,8 @@ pub fn backward(
             for i in r.clone() {
                 // SAFETY: in bounds (asserted above); column ranges are disjoint between tasks.
                 unsafe {
-                    *wte_ptr.0.add(tok * c + i) += g[i];
-                    *wpe_ptr.0.add(pos * c + i) += g[i];
+                    *wte_ptr.get().add(tok * c + i) += g[i];
+                    *wpe_ptr.get().add(pos * c + i) += g[i];
                 }
             }
         }

@@ -19,7 +19,6 @@ pub fn forward(
     let (mean_p, rstd_p) = (SendPtr(mean.as_mut_ptr()), SendPtr(rstd.as_mut_ptr()));
     assert!(mean.len() >= n && rstd.len() >= n && inp.len() >= n * c);
     for_rows(&mut out[..n * c], c, |i, o| {
-        let (mean_p, rstd_p) = (mean_p, rstd_p);
         let x = &inp[i * c..(i + 1) * c];
         let m = x.iter().sum::<f32>() / c as f32;
         let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
@@ -29,8 +28,8 @@ pub fn forward(
         }
         // SAFETY: i < n (asserted above), and each row index is visited by one task.
         unsafe {
-            *mean_p.0.add(i) = m;
-            *rstd_p.0.add(i) = s;
+            *mean_p.get().add(i) = m;
+            *rstd_p.get().add(i) = s;
         }
     });
 }
@@ -73,15 +72,14 @@ pub fn backward(
     let (dw, db) = (SendPtr(dweight.as_mut_ptr()), SendPtr(dbias.as_mut_ptr()));
     assert!(dweight.len() >= c && dbias.len() >= c);
     par_ranges(c, rayon::current_num_threads(), 16, |cols| {
-        let (dw, db) = (dw, db);
         for i in 0..n {
             let (x, g) = (&inp[i * c..(i + 1) * c], &dout[i * c..(i + 1) * c]);
             let (m, s) = (mean[i], rstd[i]);
             for j in cols.clone() {
                 // SAFETY: j < c (asserted above); column ranges are disjoint between tasks.
                 unsafe {
-                    *dw.0.add(j) += (x[j] - m) * s * g[j];
-                    *db.0.add(j) += g[j];
+                    *dw.get().add(j) += (x[j] - m) * s * g[j];
+                    *db.get().add(j) += g[j];
                 }
             }
         }

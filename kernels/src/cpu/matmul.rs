@@ -52,7 +52,7 @@ unsafe fn par_gemm(
                 rows.len(),
                 cols.len(),
                 k,
-                dst.0.add(rows.start * ld + cols.start),
+                dst.get().add(rows.start * ld + cols.start),
                 1,
                 ld as isize,
                 accumulate,
@@ -170,9 +170,8 @@ pub fn backward(
         assert!(db.len() >= oc);
         let dbp = SendPtr(db.as_mut_ptr());
         par_ranges(oc, threads, 16, |cols| {
-            let dbp = dbp;
             // SAFETY: cols < oc (asserted); column ranges are disjoint between tasks.
-            let db = unsafe { std::slice::from_raw_parts_mut(dbp.0.add(cols.start), cols.len()) };
+            let db = unsafe { std::slice::from_raw_parts_mut(dbp.get().add(cols.start), cols.len()) };
             for row in dout[..n * oc].chunks_exact(oc) {
                 for (d, g) in db.iter_mut().zip(&row[cols.clone()]) {
                     *d += g;

@@ -48,6 +48,14 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer; a method, so closures capture the whole (Send) wrapper.
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Runs `f(range)` in parallel over `parts` contiguous pieces of `0..len` whose starts are
 /// multiples of `align` (fewer pieces when `len` is small). Allocates nothing.
 pub(crate) fn par_ranges(len: usize, parts: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
