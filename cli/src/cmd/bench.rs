@@ -13,6 +13,8 @@ pub enum BenchCommand {
     Matmul(MatmulArgs),
     /// One full training step (forward, backward, clip, AdamW) on random tokens.
     Step(StepArgs),
+    /// Ring all-reduce (mean) of an f32 buffer between `world` local processes over loopback.
+    Allreduce(AllreduceArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +59,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Matmul(a) => matmul(a),
         BenchCommand::Step(a) => step(a),
+        BenchCommand::Allreduce(a) => allreduce(a),
     }
 }
 
@@ -136,5 +139,147 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
             "gflops": flops / t / 1e9, "flops_per_step": flops, "n_params": cfg.num_params(),
             "batch": a.batch, "seq_len": a.seq, "threads": a.threads})
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AllreduceArgs {
+    /// Size of the reduced f32 buffer in bytes.
+    #[arg(long, default_value_t = 124_000_000)]
+    bytes: usize,
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// Timed all-reduces after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Size of the pieces each chunk is streamed in.
+    #[arg(long, default_value_t = 1 << 20)]
+    piece_bytes: usize,
+    /// Socket read/write timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+    /// Internal: run as this rank of a benchmark started by the parent process.
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+}
+
+/// Parent: starts `world` child processes of this binary (one per rank, so each has its own
+/// address space and scheduler entity, as torch's spawned ranks do), hands them each other's
+/// addresses, and reports the median over reps of the slowest rank's time.
+fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    if let Some(rank) = a.rank {
+        return allreduce_rank(&a, rank);
+    }
+    anyhow::ensure!(a.world >= 1 && a.reps >= 1, "--world and --reps must be at least 1");
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for rank in 0..a.world {
+        let child = Command::new(&exe)
+            .args(["bench", "allreduce", "--bytes", &a.bytes.to_string()])
+            .args(["--world", &a.world.to_string(), "--reps", &a.reps.to_string()])
+            .args(["--piece-bytes", &a.piece_bytes.to_string()])
+            .args(["--timeout-s", &a.timeout_s.to_string(), "--rank", &rank.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        children.push(ChildGuard(child));
+    }
+    let mut outs = Vec::new();
+    let mut addrs = Vec::new();
+    for c in &mut children {
+        let mut out = BufReader::new(c.0.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let addr = line.trim().strip_prefix("READY ");
+        addrs.push(
+            addr.ok_or_else(|| anyhow::anyhow!("rank said {line:?}, not READY"))?.to_string(),
+        );
+        outs.push(out);
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let token = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    for c in &mut children {
+        let mut stdin = c.0.stdin.take().expect("piped");
+        writeln!(stdin, "{token} {}", addrs.join(","))?;
+    }
+    // times[rank][rep], seconds
+    let mut times: Vec<Vec<f64>> = Vec::new();
+    for (rank, out) in outs.iter_mut().enumerate() {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .map_err(|e| anyhow::anyhow!("rank {rank} failed (output {line:?}): {e}"))?;
+        let t = v["times"].as_array().ok_or_else(|| anyhow::anyhow!("rank {rank}: {line}"))?;
+        times.push(t.iter().filter_map(|x| x.as_f64()).collect());
+    }
+    for (rank, c) in children.iter_mut().enumerate() {
+        let status = c.0.wait()?;
+        anyhow::ensure!(status.success(), "rank {rank} exited with {status}");
+    }
+    let slowest: Vec<f64> =
+        (0..a.reps).map(|i| times.iter().map(|t| t[i]).fold(0.0, f64::max)).collect();
+    let t = median(slowest);
+    let w = a.world as f64;
+    let busbw = if a.world > 1 { 2.0 * (w - 1.0) / w * a.bytes as f64 / t / 1e9 } else { 0.0 };
+    println!(
+        "{}",
+        serde_json::json!({"peer": "ferrite", "bench": "allreduce", "ms": t * 1e3,
+            "busbw_gbps": busbw, "bytes": a.bytes, "world": a.world, "reps": a.reps,
+            "mode": "processes"})
+    );
+    Ok(())
+}
+
+/// Kills a benchmark rank left running when the parent bails out early.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Child: binds a loopback port, prints `READY addr`, reads `token addr0,addr1,…` on stdin,
+/// runs one warm-up and `reps` timed all-reduces and prints `{"times": […]}`.
+fn allreduce_rank(a: &AllreduceArgs, rank: usize) -> anyhow::Result<()> {
+    use ferrite_worker::collective::{RingCollective, RingConfig};
+    use ferrite_worker::Collective;
+    use std::io::{BufRead, Write};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("READY {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let (token, peers) = line.trim().split_once(' ').ok_or_else(|| anyhow::anyhow!("bad line"))?;
+    let peers = peers.split(',').map(|p| p.parse()).collect::<Result<Vec<_>, _>>()?;
+    anyhow::ensure!(peers.len() == a.world, "got {} peers for world {}", peers.len(), a.world);
+    let timeout = std::time::Duration::from_secs(a.timeout_s);
+    let cfg = RingConfig {
+        io_timeout: timeout,
+        connect_timeout: timeout,
+        piece_bytes: a.piece_bytes,
+        ..RingConfig::new(rank, peers, token.parse()?)
+    };
+    let mut ring = RingCollective::connect(listener, cfg)?;
+    let be = CpuBackend::new(1)?;
+    let n = a.bytes / 4;
+    let mut buf: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 + rank as f32).collect();
+    let mut times = Vec::with_capacity(a.reps);
+    for rep in 0..a.reps + 1 {
+        Collective::<CpuBackend>::mean_scalar(&mut ring, 0.0)?; // barrier
+        let t0 = Instant::now();
+        ring.all_reduce_mean(&be, &mut buf, n)?;
+        if rep > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    println!("{}", serde_json::json!({ "rank": rank, "times": times }));
     Ok(())
 }

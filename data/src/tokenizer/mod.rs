@@ -2,15 +2,18 @@
 //! corpus (`bpe:<vocab_size>`), each saved to and loaded from a `tokenizer.json`.
 //!
 //! What `tokenizer.json` holds, by kind:
-//! - `gpt2`: `{"ferrite_tokenizer": "gpt2"}`; the vocabulary itself ships inside the
-//!   `tiktoken-rs` crate (r50k_base), so there is nothing more to store.
+//! - `gpt2`: GPT-2's tokenizer in the Hugging Face format (vocabulary and merges derived from
+//!   the r50k_base ranks in `tiktoken-rs`), so `transformers` reads a checkpoint's tokenizer.
+//!   Loading recognises it by content and encodes with tiktoken, which is faster; the older
+//!   `{"ferrite_tokenizer": "gpt2"}` marker file still loads.
 //! - `char`: `{"ferrite_tokenizer": "char", "chars": ["\n", " ", "A", ...]}`, the characters
 //!   in id order (sorted by code point).
 //! - `bpe`: the Hugging Face `tokenizers` format, as that crate saves it. Any byte-level
-//!   Hugging Face `tokenizer.json` loads the same way.
+//!   Hugging Face `tokenizer.json` loads the same way (as `gpt2` when it is GPT-2's).
 
 mod byte_bpe;
 mod char;
+mod gpt2_hf;
 
 #[cfg(test)]
 mod tests;
@@ -92,7 +95,8 @@ enum Kind {
     Bpe(Box<ByteBpe>),
 }
 
-/// The JSON of the tokenizers whose `tokenizer.json` ferrite defines itself.
+/// The JSON of the tokenizers whose `tokenizer.json` ferrite defines itself. `gpt2` is only
+/// read (files from before `gpt2` was saved in the Hugging Face format).
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "ferrite_tokenizer", rename_all = "lowercase")]
 enum OwnFile {
@@ -137,7 +141,8 @@ impl Tokenizer {
     }
 
     /// Loads a `tokenizer.json` written by [`Tokenizer::save`], or any byte-level Hugging
-    /// Face tokenizer file.
+    /// Face tokenizer file. A file that encodes exactly as GPT-2 (see
+    /// `Gpt2Vocab::matches_hf_file`) loads as `gpt2`.
     pub fn load(path: &Path) -> Result<Tokenizer> {
         let bad = |reason: String| Error::BadTokenizerFile {
             path: path.to_path_buf(),
@@ -151,6 +156,8 @@ impl Tokenizer {
                 OwnFile::Gpt2 => Kind::Gpt2(tiktoken_rs::r50k_base_singleton()),
                 OwnFile::Char { chars } => Kind::Char(CharVocab::from_saved(chars).map_err(bad)?),
             }
+        } else if gpt2_hf::vocab().matches_hf_file(&json) {
+            Kind::Gpt2(tiktoken_rs::r50k_base_singleton())
         } else {
             let hf = tokenizers::Tokenizer::from_str(&text)
                 .map_err(|e| bad(format!("not a Hugging Face tokenizer: {e}")))?;
@@ -165,7 +172,10 @@ impl Tokenizer {
             serde_json::to_string_pretty(file).expect("plain data always serialises")
         };
         let json = match &self.kind {
-            Kind::Gpt2(_) => own(&OwnFile::Gpt2),
+            Kind::Gpt2(_) => gpt2_hf::vocab()
+                .hf_tokenizer()
+                .to_string(true)
+                .map_err(Error::Tokenizers)?,
             Kind::Char(vocab) => own(&OwnFile::Char {
                 chars: vocab.chars().to_vec(),
             }),

@@ -123,16 +123,132 @@ fn decode_bytes_gives_partial_utf8_per_token() {
         .contains('\u{fffd}'));
 }
 
-#[test]
-fn gpt2_saves_a_marker_file_and_loads_back() {
+/// Saves GPT-2's tokenizer to a temporary folder; returns the folder and the file's JSON.
+fn saved_gpt2() -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     Tokenizer::gpt2().save(&path).unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    assert_eq!(json, serde_json::json!({"ferrite_tokenizer": "gpt2"}));
+    let json = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    (dir, path, json)
+}
+
+#[test]
+fn gpt2_saves_a_hugging_face_file_that_encodes_like_tiktoken() {
+    let (_dir, path, json) = saved_gpt2();
+    assert_eq!(json["model"]["type"], "BPE");
+    assert_eq!(json["model"]["vocab"].as_object().unwrap().len(), 50257);
+    assert_eq!(json["model"]["vocab"]["Hello"], 15496);
+    assert_eq!(json["model"]["vocab"]["Ġworld"], 995);
+    assert_eq!(json["model"]["merges"].as_array().unwrap().len(), 50000);
+    assert_eq!(json["pre_tokenizer"]["type"], "ByteLevel");
+    assert_eq!(json["pre_tokenizer"]["add_prefix_space"], false);
+    assert_eq!(json["decoder"]["type"], "ByteLevel");
+    assert_eq!(json["added_tokens"][0]["content"], "<|endoftext|>");
+    assert_eq!(json["added_tokens"][0]["id"], 50256);
+
+    let hf = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let tik = Tokenizer::gpt2();
+    let hf_ids = |text: &str| hf.encode(text, false).unwrap().get_ids().to_vec();
+    assert_eq!(hf_ids("Hello world"), vec![15496, 995]);
+    assert_eq!(hf.get_vocab_size(true), 50257);
+    let mut texts = varied_strings(300);
+    texts.push(generated_corpus(100, 4));
+    texts.push("  two  spaces,\ttabs\n\n\nnewlines; it's we'll 12345 €100 ÿ\u{0}".into());
+    // Hugging Face encodes a literal "<|endoftext|>" as the added token; ferrite's gpt2
+    // encodes it as text (see `Tokenizer::encode`), so such texts are compared without it.
+    for text in texts.iter().map(|t| t.replace(END_OF_TEXT, "")) {
+        let ids = tik.encode(&text).unwrap();
+        assert_eq!(hf_ids(&text), ids, "{text:?}");
+        assert_eq!(hf.decode(&ids, false).unwrap(), text);
+    }
+}
+
+#[test]
+fn gpt2_merges_are_the_published_ones_and_rebuild_every_token() {
+    let (_dir, path, json) = saved_gpt2();
+    // The start of GPT-2's merges.txt.
+    let first: Vec<(String, String)> =
+        serde_json::from_value(json["model"]["merges"].as_array().unwrap()[..7].into()).unwrap();
+    let want = ["Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he"];
+    for (got, want) in first.iter().zip(want) {
+        assert_eq!(format!("{} {}", got.0, got.1), want);
+    }
+    // BPE over the merges alone (no whole-token shortcut) turns each token into itself.
+    use tokenizers::Model;
+    let hf = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    for (token, id) in vocab {
+        if token == "<|endoftext|>" {
+            continue;
+        }
+        let pieces = hf.get_model().tokenize(token).unwrap();
+        let ids: Vec<u32> = pieces.iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![id.as_u64().unwrap() as u32], "{token:?}");
+    }
+}
+
+#[test]
+fn gpt2_round_trips_through_save_and_load() {
+    let (_dir, path, _) = saved_gpt2();
+    let tok = Tokenizer::load(&path).unwrap();
+    assert_eq!(tok.kind(), "gpt2");
+    assert_eq!(tok.eot(), Some(50256));
+    assert_eq!(tok.encode("Hello world").unwrap(), vec![15496, 995]);
+    // Still tiktoken: a literal end-of-text is ordinary text.
+    assert!(!tok.encode("a<|endoftext|>b").unwrap().contains(&50256));
+}
+
+#[test]
+fn gpt2_marker_file_written_before_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    fs::write(&path, r#"{"ferrite_tokenizer": "gpt2"}"#).unwrap();
     let tok = Tokenizer::load(&path).unwrap();
     assert_eq!(tok.kind(), "gpt2");
     assert_eq!(tok.encode("Hello world").unwrap(), vec![15496, 995]);
+}
+
+#[test]
+fn gpt2_file_with_string_merges_loads_as_gpt2() {
+    // Hugging Face's published GPT-2 file writes merges as "a b" and omits use_regex.
+    let (_dir, path, mut json) = saved_gpt2();
+    let merges: Vec<serde_json::Value> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()).into())
+        .collect();
+    json["model"]["merges"] = merges.into();
+    json["pre_tokenizer"]
+        .as_object_mut()
+        .unwrap()
+        .remove("use_regex");
+    fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    assert_eq!(Tokenizer::load(&path).unwrap().kind(), "gpt2");
+}
+
+#[test]
+fn hugging_face_file_that_differs_from_gpt2_loads_through_hugging_face() {
+    let (_dir, path, json) = saved_gpt2();
+    let changes: [fn(&mut serde_json::Value); 4] = [
+        |j| j["pre_tokenizer"]["add_prefix_space"] = true.into(),
+        |j| {
+            j["model"]["merges"].as_array_mut().unwrap().pop();
+        },
+        |j| j["model"]["vocab"]["Hello"] = 995.into(),
+        |j| {
+            let extra = serde_json::json!({"id": 50257, "content": "<pad>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+            j["added_tokens"].as_array_mut().unwrap().push(extra);
+        },
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        let mut changed = json.clone();
+        change(&mut changed);
+        fs::write(&path, serde_json::to_string(&changed).unwrap()).unwrap();
+        let tok = Tokenizer::load(&path).unwrap_or_else(|e| panic!("change {i}: {e}"));
+        assert_eq!(tok.kind(), "bpe", "change {i}");
+    }
 }
 
 #[test]

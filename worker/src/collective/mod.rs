@@ -1,4 +1,11 @@
 //! Averaging gradients between data-parallel ranks.
+//!
+//! - [`Collective`]: the trait the trainer calls; [`Single`] for one process.
+//! - [`ring`]: [`RingCollective`], a CPU all-reduce over a TCP ring.
+
+pub mod ring;
+
+pub use ring::{RingCollective, RingConfig};
 
 use ferrite_kernels::Backend;
 
