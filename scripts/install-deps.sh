@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a fresh Debian machine:
-# protoc (etcd-client and our .proto files), etcd (store conformance tests).
+# protoc (etcd-client and our .proto files), etcd (store conformance tests), python3-venv
+# (NVRTC from PyPI for the CUDA compile check).
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+# python3 with venv: scripts/nvrtc.sh installs NVRTC from PyPI to compile-check the CUDA kernels.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

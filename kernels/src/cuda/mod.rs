@@ -1,0 +1,106 @@
+//! The CUDA backend's entry point: device names, the device probe, and the kernels that the
+//! backend will launch.
+//!
+//! Layout:
+//! - [`Device`]: `cpu`, `cuda` or `cuda:N`, as the CLI takes it.
+//! - [`probe`]: checks that a CUDA device can be used, or says in one line why not.
+//! - [`sources`]: the `.cu` kernels (one file per op, in `kernels/`), embedded as strings.
+//! - `nvrtc` (feature `cuda`): compiles those sources to PTX at run time with NVRTC.
+//!
+//! Without the `cuda` feature nothing here touches CUDA and [`probe`] always returns
+//! [`KernelError::NoCuda`], so callers carry no `cfg`s. With it, cudarc loads the CUDA
+//! libraries at run time (dynamic loading): the binary builds and starts on a machine without
+//! CUDA. cudarc panics when a library it needs is missing, so each library's presence is
+//! checked before the first call into it.
+//!
+//! Not written yet: the [`crate::Backend`] implementation (device buffers, cuBLAS for the
+//! matmuls, launching these kernels). Until it is, [`probe`] reports a usable device as not
+//! usable, so `ferrite train --device cuda` never silently falls back to the CPU.
+
+pub mod sources;
+
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+
+use crate::KernelError;
+
+/// Parses a device name such as `cpu`, `cuda` or `cuda:1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(format!(
+                    "unknown device {s:?}: expected cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+/// Checks that CUDA device `ordinal` can be used.
+#[cfg(not(feature = "cuda"))]
+pub fn probe(ordinal: usize) -> Result<(), KernelError> {
+    Err(KernelError::NoCuda(format!(
+        "cuda:{ordinal} requested, but this build of ferrite has no CUDA support \
+         (built without the `cuda` feature); use --device cpu"
+    )))
+}
+
+/// Checks that CUDA device `ordinal` can be used: the driver library loads, the driver
+/// starts, and a device with that ordinal exists.
+#[cfg(feature = "cuda")]
+pub fn probe(ordinal: usize) -> Result<(), KernelError> {
+    let name = driver::device_name(ordinal)?;
+    Err(KernelError::NoCuda(format!(
+        "cuda:{ordinal} ({name}) found, but ferrite's CUDA backend is not written yet; \
+         use --device cpu"
+    )))
+}
+
+#[cfg(feature = "cuda")]
+mod driver {
+    use cudarc::driver::{result, sys};
+
+    use crate::KernelError;
+
+    fn no_cuda(what: &str, e: result::DriverError) -> KernelError {
+        let reason = e.error_string().map(|s| s.to_string_lossy().into_owned());
+        KernelError::NoCuda(format!(
+            "{what}: {}",
+            reason.unwrap_or_else(|_| format!("{e:?}"))
+        ))
+    }
+
+    /// The name of device `ordinal`, once the driver is known to be usable.
+    pub fn device_name(ordinal: usize) -> Result<String, KernelError> {
+        // SAFETY: only tries to dlopen the candidate names; calls nothing from the library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(KernelError::NoCuda(format!(
+                "cuda:{ordinal} requested, but the NVIDIA driver library (libcuda) was not \
+                 found on this machine; use --device cpu"
+            )));
+        }
+        result::init().map_err(|e| no_cuda("the CUDA driver did not start", e))?;
+        let count =
+            result::device::get_count().map_err(|e| no_cuda("could not count CUDA devices", e))?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if ordinal >= count {
+            return Err(KernelError::NoCuda(format!(
+                "cuda:{ordinal} requested, but this machine has {count} CUDA device(s)"
+            )));
+        }
+        let dev = result::device::get(ordinal as i32)
+            .map_err(|e| no_cuda(&format!("cuda:{ordinal} could not be opened"), e))?;
+        result::device::get_name(dev).map_err(|e| no_cuda("could not read the device name", e))
+    }
+}
