@@ -15,9 +15,7 @@ fn ferrite(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("start ferrite");
     let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .expect("write stdin");
+    input.write_all(stdin.unwrap_or("").as_bytes()).expect("write stdin");
     drop(input);
     child.wait_with_output().expect("wait for ferrite")
 }
@@ -49,10 +47,7 @@ fn detokenize_inverts_tokenize_from_args_and_stdin() {
     assert_eq!(stdout_ok(&ferrite(&args, None)), format!("{text}\n"));
     let from_stdin = ferrite(&["detokenize"], Some(&ids));
     assert_eq!(stdout_ok(&from_stdin), format!("{text}\n"));
-    assert_eq!(
-        stdout_ok(&ferrite(&["detokenize", "15496", "995"], None)),
-        "Hello world\n"
-    );
+    assert_eq!(stdout_ok(&ferrite(&["detokenize", "15496", "995"], None)), "Hello world\n");
 }
 
 #[test]
@@ -65,9 +60,7 @@ fn detokenize_rejects_an_id_outside_the_vocabulary() {
 #[test]
 fn data_prepare_char_writes_shards_that_open() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus: String = (0..200)
-        .map(|i| format!("line {i}: to be or not to be\n"))
-        .collect();
+    let corpus: String = (0..200).map(|i| format!("line {i}: to be or not to be\n")).collect();
     std::fs::write(dir.path().join("corpus.txt"), &corpus).unwrap();
     let out_dir = dir.path().join("ds");
     let out = ferrite(
@@ -89,14 +82,8 @@ fn data_prepare_char_writes_shards_that_open() {
     let val = TokenShard::open(&out_dir.join("val.bin")).unwrap();
     assert_eq!(train.len() + val.len(), corpus.chars().count());
     assert!(!val.is_empty() && val.len() < corpus.len() / 5);
-    assert!(
-        summary.contains(&format!("{} train tokens", train.len())),
-        "{summary}"
-    );
-    assert!(
-        summary.contains(&format!("{} val tokens", val.len())),
-        "{summary}"
-    );
+    assert!(summary.contains(&format!("{} train tokens", train.len())), "{summary}");
+    assert!(summary.contains(&format!("{} val tokens", val.len())), "{summary}");
     let ds = Dataset::open(&out_dir).unwrap();
     assert!(summary.contains(&format!("vocab size {}", ds.tokenizer.vocab_size())));
 

@@ -63,12 +63,33 @@ fn train_writes_metrics_and_checkpoints_then_generate_samples_from_them() {
     assert!(dir.join("out/checkpoints/step-00000015").is_dir());
 
     let ck = ck.to_str().unwrap();
-    let greedy = ["generate", "--checkpoint", ck, "--prompt", "line", "--max-tokens", "12", "--temperature", "0"];
+    let greedy = [
+        "generate",
+        "--checkpoint",
+        ck,
+        "--prompt",
+        "line",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ];
     let a = ok(&ferrite(&greedy, dir));
     assert_eq!(a, ok(&ferrite(&greedy, dir)), "greedy decoding is deterministic");
     assert!(a.trim_end().chars().count() >= 1);
 
-    let seeded = ["generate", "--checkpoint", ck, "--prompt", "line", "--max-tokens", "20", "--seed", "5", "--json"];
+    let seeded = [
+        "generate",
+        "--checkpoint",
+        ck,
+        "--prompt",
+        "line",
+        "--max-tokens",
+        "20",
+        "--seed",
+        "5",
+        "--json",
+    ];
     let j: serde_json::Value = serde_json::from_str(&ok(&ferrite(&seeded, dir))).unwrap();
     assert_eq!(j["tokens"].as_array().unwrap().len(), 20);
     assert_eq!(j["logprobs"].as_array().unwrap().len(), 20);
@@ -77,7 +98,20 @@ fn train_writes_metrics_and_checkpoints_then_generate_samples_from_them() {
     assert_eq!(j, again, "same seed, same tokens");
 
     // A stop sequence cuts the text before it.
-    let stop = ["generate", "--checkpoint", ck, "--prompt", "line", "--max-tokens", "60", "--temperature", "0", "--stop", "\n", "--json"];
+    let stop = [
+        "generate",
+        "--checkpoint",
+        ck,
+        "--prompt",
+        "line",
+        "--max-tokens",
+        "60",
+        "--temperature",
+        "0",
+        "--stop",
+        "\n",
+        "--json",
+    ];
     let s: serde_json::Value = serde_json::from_str(&ok(&ferrite(&stop, dir))).unwrap();
     assert!(!s["text"].as_str().unwrap().contains('\n'));
 }
@@ -87,7 +121,18 @@ fn resume_flag_continues_from_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     trained(dir);
-    let out = ferrite(&["train", "job.toml", "--plain", "--resume", "out/checkpoints/step-00000015", "--max-steps", "20"], dir);
+    let out = ferrite(
+        &[
+            "train",
+            "job.toml",
+            "--plain",
+            "--resume",
+            "out/checkpoints/step-00000015",
+            "--max-steps",
+            "20",
+        ],
+        dir,
+    );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("resumed at step 15"), "{log}");

@@ -36,10 +36,7 @@ impl Dataset {
     ///
     /// Token ids are not checked against the vocabulary size: that would read every token.
     pub fn open(dir: &Path) -> Result<Dataset> {
-        let bad = |reason: String| Error::BadDataset {
-            dir: dir.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadDataset { dir: dir.to_path_buf(), reason };
         let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
         let train = TokenShard::open(&dir.join(TRAIN_TOKENS))?;
         let val = TokenShard::open(&dir.join(VAL_TOKENS))?;
@@ -79,13 +76,7 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset {
-            train,
-            val,
-            train_mask,
-            val_mask,
-            tokenizer,
-        })
+        Ok(Dataset { train, val, train_mask, val_mask, tokenizer })
     }
 }
 
@@ -114,10 +105,7 @@ mod tests {
 
     /// A char dataset over "abc" with 4 train and 2 val tokens.
     fn char_dataset(dir: &Path) {
-        Tokenizer::by_name("char", ["abc"])
-            .unwrap()
-            .save(&dir.join(TOKENIZER_FILE))
-            .unwrap();
+        Tokenizer::by_name("char", ["abc"]).unwrap().save(&dir.join(TOKENIZER_FILE)).unwrap();
         write_tokens(&dir.join(TRAIN_TOKENS), TokenWidth::U16, &[0, 1, 2, 0]);
         write_tokens(&dir.join(VAL_TOKENS), TokenWidth::U16, &[2, 1]);
     }
@@ -183,9 +171,7 @@ mod tests {
     fn rejects_shards_too_narrow_for_the_vocabulary() {
         let dir = tempfile::tempdir().unwrap();
         // 70000 distinct characters need 4-byte ids.
-        let chars: String = (0x4E00u32..0x4E00 + 70_000)
-            .filter_map(char::from_u32)
-            .collect();
+        let chars: String = (0x4E00u32..0x4E00 + 70_000).filter_map(char::from_u32).collect();
         let tok = Tokenizer::by_name("char", [chars.as_str()]).unwrap();
         assert!(tok.vocab_size() > 65536);
         tok.save(&dir.path().join(TOKENIZER_FILE)).unwrap();

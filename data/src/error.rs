@@ -12,10 +12,7 @@ pub enum Error {
     // Messages carry the inner error's text themselves (no `source()` chain), so a chain
     // printer such as anyhow's does not repeat it.
     #[error("{path}: {error}")]
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Io { path: PathBuf, error: std::io::Error },
 
     // --- A file exists but its contents are wrong.
     /// A token or mask shard whose header or size is inconsistent.
@@ -33,11 +30,7 @@ pub enum Error {
     /// A JSONL line that is not a `{"prompt": "...", "completion": "..."}` object.
     /// `line` counts from 1.
     #[error("{path}:{line}: {reason}")]
-    BadJsonl {
-        path: PathBuf,
-        line: u64,
-        reason: String,
-    },
+    BadJsonl { path: PathBuf, line: u64, reason: String },
 
     // --- Text or ids the tokenizer cannot handle.
     #[error("character {ch:?} (U+{:04X}) is not in the tokenizer's vocabulary", u32::from(*ch))]
@@ -66,9 +59,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Wraps an I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            error,
-        }
+        Error::Io { path: path.into(), error }
     }
 }

@@ -10,10 +10,7 @@ impl Lcg {
 
     /// A value in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as usize
     }
 }
@@ -55,11 +52,7 @@ pub fn varied_strings(n: usize) -> Vec<String> {
     let mut out = vec![String::new()];
     for _ in 0..n {
         let parts = 1 + rng.below(8);
-        out.push(
-            (0..parts)
-                .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len())])
-                .collect(),
-        );
+        out.push((0..parts).map(|_| FRAGMENTS[rng.below(FRAGMENTS.len())]).collect());
     }
     out
 }

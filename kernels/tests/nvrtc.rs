@@ -54,18 +54,10 @@ fn broken_source_returns_nvrtc_log() {
     }
     let src = "extern \"C\" __global__ void broken(float* x) {\n    x[0] = not_declared;\n}\n";
     let err = nvrtc::compile_source("broken", src, None).expect_err("must not compile");
-    let log = err
-        .log()
-        .unwrap_or_else(|| panic!("expected a compile error, got {err}"));
-    assert!(
-        log.contains("not_declared"),
-        "log does not name the identifier: {log}"
-    );
+    let log = err.log().unwrap_or_else(|| panic!("expected a compile error, got {err}"));
+    assert!(log.contains("not_declared"), "log does not name the identifier: {log}");
     // The log points into broken.cu itself, not into the prepended helpers.
-    assert!(
-        log.contains("broken.cu(2)"),
-        "log does not point at broken.cu line 2: {log}"
-    );
+    assert!(log.contains("broken.cu(2)"), "log does not point at broken.cu line 2: {log}");
     assert!(matches!(err, NvrtcError::Compile { .. }));
     let as_kernel_error: KernelError = err.into();
     assert!(as_kernel_error.to_string().contains("not_declared"));

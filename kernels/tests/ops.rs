@@ -35,7 +35,14 @@ fn weighted(out: &[f32], r: &[f32]) -> f64 {
 }
 
 /// Compares `grad` with central differences of `loss` at up to 40 coordinates of `x`.
-fn check_fd(name: &str, x: &mut [f32], grad: &[f32], eps: f32, tol: f32, loss: impl Fn(&[f32]) -> f64) {
+fn check_fd(
+    name: &str,
+    x: &mut [f32],
+    grad: &[f32],
+    eps: f32,
+    tol: f32,
+    loss: impl Fn(&[f32]) -> f64,
+) {
     let step = (x.len() / 40).max(1);
     for i in (0..x.len()).step_by(step) {
         let orig = x[i];
@@ -46,11 +53,22 @@ fn check_fd(name: &str, x: &mut [f32], grad: &[f32], eps: f32, tol: f32, loss: i
         x[i] = orig;
         let num = ((up - down) / (2.0 * eps as f64)) as f32;
         let g = grad[i];
-        assert!((g - num).abs() <= tol * (1.0 + num.abs()), "{name}[{i}]: analytic {g}, numeric {num}");
+        assert!(
+            (g - num).abs() <= tol * (1.0 + num.abs()),
+            "{name}[{i}]: analytic {g}, numeric {num}"
+        );
     }
 }
 
-fn naive_matmul(inp: &[f32], w: &[f32], bias: Option<&[f32]>, l: WeightLayout, n: usize, c: usize, oc: usize) -> Vec<f32> {
+fn naive_matmul(
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    l: WeightLayout,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Vec<f32> {
     let mut out = vec![0.0; n * oc];
     for i in 0..n {
         for o in 0..oc {
@@ -92,7 +110,8 @@ fn matmul_backward_matches_finite_differences() {
     let mut rng = Rng(11);
     for &(n, c, oc) in &[(6, 9, 5), (96, 70, 130)] {
         for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
-            let (mut inp, mut w, mut b) = (rng.vec(n * c, 1.0), rng.vec(c * oc, 1.0), rng.vec(oc, 1.0));
+            let (mut inp, mut w, mut b) =
+                (rng.vec(n * c, 1.0), rng.vec(c * oc, 1.0), rng.vec(oc, 1.0));
             let r = rng.vec(n * oc, 1.0);
             let fwd = |inp: &[f32], w: &[f32], b: &[f32]| {
                 let mut out = vec![0.0; n * oc];
@@ -101,7 +120,20 @@ fn matmul_backward_matches_finite_differences() {
             };
             let mut dinp = vec![f32::NAN; n * c];
             let (mut dw, mut db) = (vec![0.5; c * oc], vec![0.25; oc]);
-            be.run(|| be.matmul_backward(&mut dinp, &mut dw, Some(&mut db), &r, &inp, &w, layout, n, c, oc));
+            be.run(|| {
+                be.matmul_backward(
+                    &mut dinp,
+                    &mut dw,
+                    Some(&mut db),
+                    &r,
+                    &inp,
+                    &w,
+                    layout,
+                    n,
+                    c,
+                    oc,
+                )
+            });
             // dweight and dbias accumulate onto what was there.
             dw.iter_mut().for_each(|x| *x -= 0.5);
             db.iter_mut().for_each(|x| *x -= 0.25);
@@ -132,7 +164,8 @@ fn layernorm_matches_naive_and_finite_differences() {
         let m = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
         let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
         for j in 0..c {
-            want[i * c + j] = ((x[j] as f64 - m) / (var + 1e-5).sqrt() * w[j] as f64 + b[j] as f64) as f32;
+            want[i * c + j] =
+                ((x[j] as f64 - m) / (var + 1e-5).sqrt() * w[j] as f64 + b[j] as f64) as f32;
         }
     }
     assert_close("layernorm out", &out, &want, 1e-5);
@@ -165,7 +198,8 @@ fn naive_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> Vec<
                 for k in 0..hs {
                     let mut acc = 0.0;
                     for (j, s) in scores.iter().enumerate() {
-                        acc += (s - max).exp() / z * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + k] as f64;
+                        acc += (s - max).exp() / z
+                            * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + k] as f64;
                     }
                     out[(bi * t + i) * c + h * hs + k] = acc as f32;
                 }
@@ -227,7 +261,9 @@ fn gelu_matches_tanh_formula_and_finite_differences() {
         .iter()
         .map(|&v| {
             let v = v as f64;
-            (0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())) as f32
+            (0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh()))
+                as f32
         })
         .collect();
     assert_close("gelu", &out, &want, 1e-6);
@@ -259,7 +295,8 @@ fn crossentropy_matches_log_softmax_ignores_index_and_finite_differences() {
         let z = &logits[i * vp..i * vp + v];
         let max = z.iter().cloned().fold(f32::MIN, f32::max) as f64;
         let lse = max + z.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        let want = if targets[i] == IGNORE_INDEX { 0.0 } else { lse - z[targets[i] as usize] as f64 };
+        let want =
+            if targets[i] == IGNORE_INDEX { 0.0 } else { lse - z[targets[i] as usize] as f64 };
         assert!((losses[i] as f64 - want).abs() < 1e-5, "loss[{i}] {} vs {want}", losses[i]);
         assert!(probs[i * vp + v..(i + 1) * vp].iter().all(|&p| p == 0.0), "padding");
     }
@@ -315,7 +352,15 @@ fn adamw_matches_reference_formula() {
         (p.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
         let g = rng.vec(n, 1.0);
-        let hp = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, grad_scale: 0.5, step };
+        let hp = AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_scale: 0.5,
+            step,
+        };
         be.run(|| be.adamw(&mut p, &g, &mut m, &mut v, &hp));
         for i in 0..n {
             let gi = g[i] as f64 * 0.5;

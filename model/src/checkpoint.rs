@@ -67,7 +67,10 @@ pub fn hf_name(t: Tensor, layer: usize) -> String {
 }
 
 /// Every (name, range in the buffer, HF shape) of a model, the vocabulary unpadded.
-fn named_ranges(cfg: &GptConfig, lay: &ParamLayout) -> Vec<(String, std::ops::Range<usize>, Vec<usize>)> {
+fn named_ranges(
+    cfg: &GptConfig,
+    lay: &ParamLayout,
+) -> Vec<(String, std::ops::Range<usize>, Vec<usize>)> {
     let mut out = Vec::new();
     for t in Tensor::ALL {
         let layers = if t.per_layer() { cfg.n_layer } else { 1 };
@@ -99,7 +102,9 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Resul
         .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), d).map_err(|e| bad(path, e))?)))
+        .map(|(n, s, d)| {
+            Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), d).map_err(|e| bad(path, e))?))
+        })
         .collect::<Result<_, ModelError>>()?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -168,7 +173,8 @@ pub fn save<B: Backend>(
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
 
     let ranges = named_ranges(cfg, &gpt.layout);
-    let weights: Vec<_> = ranges.iter().map(|(nm, r, s)| (nm.clone(), s.clone(), &params[r.clone()])).collect();
+    let weights: Vec<_> =
+        ranges.iter().map(|(nm, r, s)| (nm.clone(), s.clone(), &params[r.clone()])).collect();
     write_tensors(&tmp.join(MODEL_FILE), &weights)?;
     let mut moments = Vec::new();
     for (nm, r, s) in &ranges {
@@ -250,7 +256,10 @@ pub fn load_config(dir: &Path) -> Result<GptConfig, ModelError> {
     };
     if let Some(act) = v.get("activation_function").and_then(|a| a.as_str()) {
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(bad(&path, format!("activation_function {act:?} is not GPT-2's tanh GELU")));
+            return Err(bad(
+                &path,
+                format!("activation_function {act:?} is not GPT-2's tanh GELU"),
+            ));
         }
     }
     if let Some(inner) = v.get("n_inner").filter(|x| !x.is_null()) {
@@ -269,9 +278,18 @@ pub fn load_config(dir: &Path) -> Result<GptConfig, ModelError> {
     Ok(cfg)
 }
 
-fn read_f32(path: &Path, name: &str, view: &TensorView, want: &[usize], out: &mut [f32]) -> Result<(), ModelError> {
+fn read_f32(
+    path: &Path,
+    name: &str,
+    view: &TensorView,
+    want: &[usize],
+    out: &mut [f32],
+) -> Result<(), ModelError> {
     if view.shape() != want {
-        return Err(bad(path, format!("tensor {name} has shape {:?}, expected {want:?}", view.shape())));
+        return Err(bad(
+            path,
+            format!("tensor {name} has shape {:?}, expected {want:?}", view.shape()),
+        ));
     }
     let d = view.data();
     match view.dtype() {
@@ -290,7 +308,12 @@ fn read_f32(path: &Path, name: &str, view: &TensorView, want: &[usize], out: &mu
                 *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
             }
         }
-        other => return Err(bad(path, format!("tensor {name} has dtype {other:?}; F32, BF16, F16 load"))),
+        other => {
+            return Err(bad(
+                path,
+                format!("tensor {name} has dtype {other:?}; F32, BF16, F16 load"),
+            ))
+        }
     }
     if let Some(i) = out.iter().position(|x| !x.is_finite()) {
         return Err(bad(path, format!("tensor {name} holds a non-finite value at {i}")));
@@ -326,7 +349,12 @@ fn is_known_extra(name: &str) -> bool {
     name == "lm_head.weight" || name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
 }
 
-fn load_named(path: &Path, cfg: &GptConfig, lay: &ParamLayout, prefix: &str) -> Result<Vec<f32>, ModelError> {
+fn load_named(
+    path: &Path,
+    cfg: &GptConfig,
+    lay: &ParamLayout,
+    prefix: &str,
+) -> Result<Vec<f32>, ModelError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e))?;
     let mut out = vec![0.0f32; lay.len()];
@@ -346,14 +374,19 @@ fn load_named(path: &Path, cfg: &GptConfig, lay: &ParamLayout, prefix: &str) -> 
         })
         .collect();
     for (name, r, shape) in &ranges {
-        let stored = by_name.get(name).ok_or_else(|| bad(path, format!("missing tensor {prefix}{name}")))?;
+        let stored =
+            by_name.get(name).ok_or_else(|| bad(path, format!("missing tensor {prefix}{name}")))?;
         let view = st.tensor(stored).map_err(|e| bad(path, format!("tensor {stored}: {e}")))?;
         read_f32(path, stored, &view, shape, &mut out[r.clone()])?;
     }
-    let expected: std::collections::HashSet<&str> = ranges.iter().map(|(n, _, _)| n.as_str()).collect();
+    let expected: std::collections::HashSet<&str> =
+        ranges.iter().map(|(n, _, _)| n.as_str()).collect();
     for (full, stored) in &by_name {
         if !expected.contains(full.as_str()) && !is_known_extra(full) {
-            return Err(bad(path, format!("unexpected tensor {stored} for a {}-layer model", cfg.n_layer)));
+            return Err(bad(
+                path,
+                format!("unexpected tensor {stored} for a {}-layer model", cfg.n_layer),
+            ));
         }
     }
     Ok(out)
@@ -377,7 +410,8 @@ pub fn load_optimizer(dir: &Path, lay: &ParamLayout) -> Result<(Vec<f32>, Vec<f3
     for (name, r, shape) in named_ranges(&cfg, lay) {
         for (prefix, out) in [("exp_avg.", &mut m), ("exp_avg_sq.", &mut v)] {
             let full = format!("{prefix}{name}");
-            let view = st.tensor(&full).map_err(|_| bad(&path, format!("missing tensor {full}")))?;
+            let view =
+                st.tensor(&full).map_err(|_| bad(&path, format!("missing tensor {full}")))?;
             read_f32(&path, &full, &view, &shape, &mut out[r.clone()])?;
         }
     }

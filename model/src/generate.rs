@@ -28,16 +28,16 @@ pub struct Generator {
 
 /// Buffers for up to `block_size` rows, allocated once.
 struct Scratch {
-    x: Vec<f32>,     // (T, C) residual stream
-    ln: Vec<f32>,    // (T, C)
-    mean: Vec<f32>,  // (T)
-    rstd: Vec<f32>,  // (T)
-    qkv: Vec<f32>,   // (T, 3C)
-    q: Vec<f32>,     // (T, C)
-    att: Vec<f32>,   // (T, C)
-    proj: Vec<f32>,  // (T, C)
-    fch: Vec<f32>,   // (T, 4C)
-    fchg: Vec<f32>,  // (T, 4C)
+    x: Vec<f32>,      // (T, C) residual stream
+    ln: Vec<f32>,     // (T, C)
+    mean: Vec<f32>,   // (T)
+    rstd: Vec<f32>,   // (T)
+    qkv: Vec<f32>,    // (T, 3C)
+    q: Vec<f32>,      // (T, C)
+    att: Vec<f32>,    // (T, C)
+    proj: Vec<f32>,   // (T, C)
+    fch: Vec<f32>,    // (T, 4C)
+    fchg: Vec<f32>,   // (T, 4C)
     logits: Vec<f32>, // (Vp)
     dist: Vec<(u32, f32)>,
 }
@@ -124,20 +124,42 @@ impl Generator {
 
     fn forward_rows(&mut self, tokens: &[u32]) {
         let be = &*self.be;
-        let (c, nh, t, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size, self.cfg.padded_vocab());
+        let (c, nh, t, vp) =
+            (self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size, self.cfg.padded_vocab());
         let (rows, p0) = (tokens.len(), self.pos);
         let (lay, p, s) = (&self.layout, &self.params[..], &mut self.s);
         let w = |tensor: Tensor, l: usize| &p[lay.at(tensor, l)];
         let n = rows * c;
         for (r, &tok) in tokens.iter().enumerate() {
-            let (e, pe) = (&w(Tensor::Wte, 0)[tok as usize * c..][..c], &w(Tensor::Wpe, 0)[(p0 + r) * c..][..c]);
+            let (e, pe) = (
+                &w(Tensor::Wte, 0)[tok as usize * c..][..c],
+                &w(Tensor::Wpe, 0)[(p0 + r) * c..][..c],
+            );
             for j in 0..c {
                 s.x[r * c + j] = e[j] + pe[j];
             }
         }
         for l in 0..self.cfg.n_layer {
-            be.layernorm_forward(&mut s.ln[..n], &mut s.mean, &mut s.rstd, &s.x[..n], w(Tensor::Ln1W, l), w(Tensor::Ln1B, l), rows, c);
-            be.matmul_forward(&mut s.qkv[..3 * n], &s.ln[..n], w(Tensor::QkvW, l), Some(w(Tensor::QkvB, l)), WeightLayout::InOut, rows, c, 3 * c);
+            be.layernorm_forward(
+                &mut s.ln[..n],
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x[..n],
+                w(Tensor::Ln1W, l),
+                w(Tensor::Ln1B, l),
+                rows,
+                c,
+            );
+            be.matmul_forward(
+                &mut s.qkv[..3 * n],
+                &s.ln[..n],
+                w(Tensor::QkvW, l),
+                Some(w(Tensor::QkvB, l)),
+                WeightLayout::InOut,
+                rows,
+                c,
+                3 * c,
+            );
             let cache = l * t * c;
             for r in 0..rows {
                 let src = &s.qkv[r * 3 * c..(r + 1) * 3 * c];
@@ -147,18 +169,81 @@ impl Generator {
                 self.v[at..at + c].copy_from_slice(&src[2 * c..]);
             }
             let kv = cache..cache + t * c;
-            attention_cached(&mut s.att[..n], &s.q[..n], &self.k[kv.clone()], &self.v[kv], p0, rows, c, nh);
-            be.matmul_forward(&mut s.proj[..n], &s.att[..n], w(Tensor::AttProjW, l), Some(w(Tensor::AttProjB, l)), WeightLayout::InOut, rows, c, c);
+            attention_cached(
+                &mut s.att[..n],
+                &s.q[..n],
+                &self.k[kv.clone()],
+                &self.v[kv],
+                p0,
+                rows,
+                c,
+                nh,
+            );
+            be.matmul_forward(
+                &mut s.proj[..n],
+                &s.att[..n],
+                w(Tensor::AttProjW, l),
+                Some(w(Tensor::AttProjB, l)),
+                WeightLayout::InOut,
+                rows,
+                c,
+                c,
+            );
             add_into(&mut s.x[..n], &s.proj[..n]);
-            be.layernorm_forward(&mut s.ln[..n], &mut s.mean, &mut s.rstd, &s.x[..n], w(Tensor::Ln2W, l), w(Tensor::Ln2B, l), rows, c);
-            be.matmul_forward(&mut s.fch[..4 * n], &s.ln[..n], w(Tensor::FcW, l), Some(w(Tensor::FcB, l)), WeightLayout::InOut, rows, c, 4 * c);
+            be.layernorm_forward(
+                &mut s.ln[..n],
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x[..n],
+                w(Tensor::Ln2W, l),
+                w(Tensor::Ln2B, l),
+                rows,
+                c,
+            );
+            be.matmul_forward(
+                &mut s.fch[..4 * n],
+                &s.ln[..n],
+                w(Tensor::FcW, l),
+                Some(w(Tensor::FcB, l)),
+                WeightLayout::InOut,
+                rows,
+                c,
+                4 * c,
+            );
             be.gelu_forward(&mut s.fchg[..4 * n], &s.fch[..4 * n], 4 * n);
-            be.matmul_forward(&mut s.proj[..n], &s.fchg[..4 * n], w(Tensor::FcProjW, l), Some(w(Tensor::FcProjB, l)), WeightLayout::InOut, rows, 4 * c, c);
+            be.matmul_forward(
+                &mut s.proj[..n],
+                &s.fchg[..4 * n],
+                w(Tensor::FcProjW, l),
+                Some(w(Tensor::FcProjB, l)),
+                WeightLayout::InOut,
+                rows,
+                4 * c,
+                c,
+            );
             add_into(&mut s.x[..n], &s.proj[..n]);
         }
         let last = &s.x[(rows - 1) * c..n];
-        be.layernorm_forward(&mut s.ln[..c], &mut s.mean, &mut s.rstd, last, w(Tensor::LnfW, 0), w(Tensor::LnfB, 0), 1, c);
-        be.matmul_forward(&mut s.logits, &s.ln[..c], w(Tensor::Wte, 0), None, WeightLayout::OutIn, 1, c, vp);
+        be.layernorm_forward(
+            &mut s.ln[..c],
+            &mut s.mean,
+            &mut s.rstd,
+            last,
+            w(Tensor::LnfW, 0),
+            w(Tensor::LnfB, 0),
+            1,
+            c,
+        );
+        be.matmul_forward(
+            &mut s.logits,
+            &s.ln[..c],
+            w(Tensor::Wte, 0),
+            None,
+            WeightLayout::OutIn,
+            1,
+            c,
+            vp,
+        );
         self.pos = p0 + rows;
     }
 

@@ -10,18 +10,18 @@ use crate::{GptConfig, ModelError};
 
 /// Activations of one block, saved by forward for backward.
 struct LayerActs<B: Backend> {
-    ln1: B::Buf,      // (B, T, C)
-    ln1_mean: B::Buf, // (B, T)
-    ln1_rstd: B::Buf, // (B, T)
-    qkv: B::Buf,      // (B, T, 3C)
-    atty: B::Buf,     // (B, T, C)
-    lse: B::Buf,      // (B, NH, T)
+    ln1: B::Buf,       // (B, T, C)
+    ln1_mean: B::Buf,  // (B, T)
+    ln1_rstd: B::Buf,  // (B, T)
+    qkv: B::Buf,       // (B, T, 3C)
+    atty: B::Buf,      // (B, T, C)
+    lse: B::Buf,       // (B, NH, T)
     resid_mid: B::Buf, // (B, T, C) the residual stream between attention and MLP
-    ln2: B::Buf,      // (B, T, C)
-    ln2_mean: B::Buf, // (B, T)
-    ln2_rstd: B::Buf, // (B, T)
-    fch: B::Buf,      // (B, T, 4C)
-    fch_gelu: B::Buf, // (B, T, 4C)
+    ln2: B::Buf,       // (B, T, C)
+    ln2_mean: B::Buf,  // (B, T)
+    ln2_rstd: B::Buf,  // (B, T)
+    fch: B::Buf,       // (B, T, 4C)
+    fch_gelu: B::Buf,  // (B, T, 4C)
     resid_out: B::Buf, // (B, T, C) the block's output
 }
 
@@ -191,7 +191,8 @@ impl<B: Backend> Gpt<B> {
         if let Some(bad) = tokens.iter().find(|&&x| x < 0 || x >= vocab) {
             return Err(ModelError::Shape(format!("token id {bad} outside vocabulary of {vocab}")));
         }
-        let (c, nh, l_n, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.n_layer, self.cfg.padded_vocab());
+        let (c, nh, l_n, vp) =
+            (self.cfg.n_embd, self.cfg.n_head, self.cfg.n_layer, self.cfg.padded_vocab());
         let n = b * t;
         let (lay, p, acts) = (&self.layout, &self.params, &mut self.acts);
         let w = |tensor: Tensor, l: usize| be.view(p, lay.at(tensor, l));
@@ -253,7 +254,11 @@ impl<B: Backend> Gpt<B> {
                 c,
                 c,
             );
-            be.residual_forward(be.view_mut(&mut la.resid_mid, r(c)), x_in, be.view(&acts.proj, r(c)));
+            be.residual_forward(
+                be.view_mut(&mut la.resid_mid, r(c)),
+                x_in,
+                be.view(&acts.proj, r(c)),
+            );
             be.layernorm_forward(
                 be.view_mut(&mut la.ln2, r(c)),
                 be.view_mut(&mut la.ln2_mean, r(1)),
@@ -274,7 +279,11 @@ impl<B: Backend> Gpt<B> {
                 c,
                 4 * c,
             );
-            be.gelu_forward(be.view_mut(&mut la.fch_gelu, r(4 * c)), be.view(&la.fch, r(4 * c)), n * 4 * c);
+            be.gelu_forward(
+                be.view_mut(&mut la.fch_gelu, r(4 * c)),
+                be.view(&la.fch, r(4 * c)),
+                n * 4 * c,
+            );
             be.matmul_forward(
                 be.view_mut(&mut acts.proj, r(c)),
                 be.view(&la.fch_gelu, r(4 * c)),
@@ -318,7 +327,9 @@ impl<B: Backend> Gpt<B> {
             return Err(ModelError::Shape(format!("{} targets for {n} tokens", targets.len())));
         }
         if let Some(bad) = targets.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x >= vocab)) {
-            return Err(ModelError::Shape(format!("target id {bad} outside vocabulary of {vocab}")));
+            return Err(ModelError::Shape(format!(
+                "target id {bad} outside vocabulary of {vocab}"
+            )));
         }
         upload_prefix_i32(be, &mut acts.targets, targets, &mut self.host_targets)?;
         be.crossentropy_forward(
@@ -351,7 +362,8 @@ impl<B: Backend> Gpt<B> {
         let (b, t) = self.last.take().ok_or_else(|| {
             ModelError::Shape("backward called without a forward with targets".into())
         })?;
-        let (c, nh, l_n, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.n_layer, self.cfg.padded_vocab());
+        let (c, nh, l_n, vp) =
+            (self.cfg.n_embd, self.cfg.n_head, self.cfg.n_layer, self.cfg.padded_vocab());
         let n = b * t;
         let dloss = if loss.counted == 0 { 0.0 } else { loss_scale / loss.counted as f32 };
         let (lay, p, g, acts) = (&self.layout, &self.params, &mut self.grads, &mut self.acts);
@@ -398,7 +410,8 @@ impl<B: Backend> Gpt<B> {
                 0 => be.view(&acts.encoded, r(c)),
                 _ => be.view(&acts.layers[l - 1].resid_out, r(c)),
             };
-            let [dw, db] = be.split_mut(g, [lay.at(Tensor::FcProjW, l), lay.at(Tensor::FcProjB, l)]);
+            let [dw, db] =
+                be.split_mut(g, [lay.at(Tensor::FcProjW, l), lay.at(Tensor::FcProjB, l)]);
             be.matmul_backward(
                 be.view_mut(&mut acts.dbig1, r(4 * c)),
                 dw,
@@ -443,7 +456,8 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             );
-            let [dw, db] = be.split_mut(g, [lay.at(Tensor::AttProjW, l), lay.at(Tensor::AttProjB, l)]);
+            let [dw, db] =
+                be.split_mut(g, [lay.at(Tensor::AttProjW, l), lay.at(Tensor::AttProjB, l)]);
             be.matmul_backward(
                 be.view_mut(&mut acts.dsmall, r(c)),
                 dw,

@@ -56,7 +56,12 @@ impl Tensor {
     pub fn decays(self) -> bool {
         matches!(
             self,
-            Tensor::Wte | Tensor::Wpe | Tensor::QkvW | Tensor::AttProjW | Tensor::FcW | Tensor::FcProjW
+            Tensor::Wte
+                | Tensor::Wpe
+                | Tensor::QkvW
+                | Tensor::AttProjW
+                | Tensor::FcW
+                | Tensor::FcProjW
         )
     }
 

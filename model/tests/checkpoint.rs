@@ -40,7 +40,13 @@ fn save_then_load_round_trips_weights_moments_and_state() {
     let tmp = tempfile::tempdir().unwrap();
     let (gpt, dir) = saved(tmp.path());
     assert!(dir.ends_with("step-00000007"));
-    for f in ["model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let w = checkpoint::load_weights(&dir).unwrap();
@@ -50,7 +56,8 @@ fn save_then_load_round_trips_weights_moments_and_state() {
     assert!(m == gpt.m && v == gpt.v, "moments differ after a round trip");
     assert_eq!(checkpoint::load_state(&dir).unwrap(), state(7));
     // No temporary folder is left behind and the listing sees exactly one checkpoint.
-    let names: Vec<_> = std::fs::read_dir(tmp.path().join("ck")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> =
+        std::fs::read_dir(tmp.path().join("ck")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -85,13 +92,21 @@ fn loads_transformers_style_files_without_prefix_and_with_buffers() {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| (n.strip_prefix("transformer.").unwrap().to_string(), v.shape().to_vec(), v.data().to_vec()))
+        .map(|(n, v)| {
+            (
+                n.strip_prefix("transformer.").unwrap().to_string(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
         .collect();
     tensors.push(("h.0.attn.bias".into(), vec![1, 1, 6, 6], vec![0u8; 36 * 4]));
     let wte = tensors.iter().find(|t| t.0 == "wte.weight").unwrap().clone();
     tensors.push(("lm_head.weight".into(), wte.1, wte.2));
-    let views: Vec<(String, TensorView)> =
-        tensors.iter().map(|(n, s, d)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), d).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), d).unwrap()))
+        .collect();
     let hf = tmp.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
     std::fs::copy(dir.join("config.json"), hf.join("config.json")).unwrap();
@@ -115,7 +130,8 @@ fn tensor_shape_disagreeing_with_config_is_refused_naming_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, dir) = saved(tmp.path());
     let cfg_path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     config["vocab_size"] = 14.into();
     std::fs::write(&cfg_path, config.to_string()).unwrap();
     let err = checkpoint::load_weights(&dir).err().expect("refused").to_string();
@@ -127,7 +143,8 @@ fn missing_tensor_and_bad_config_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, dir) = saved(tmp.path());
     let cfg_path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     config["n_layer"] = 3.into();
     std::fs::write(&cfg_path, config.to_string()).unwrap();
     let err = checkpoint::load_weights(&dir).err().expect("refused").to_string();

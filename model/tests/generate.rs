@@ -47,12 +47,15 @@ fn same_seed_same_tokens_and_greedy_is_deterministic() {
     let (cfg, params, _, _) = model();
     let mut g = Generator::new(cfg, params, 1).unwrap();
     let p = SamplingParams { temperature: 0.9, top_k: 10, top_p: 0.95, seed: 7 };
-    let a: Vec<u32> = g.generate(&[1, 2, 3], 30, &p, |_| true).unwrap().iter().map(|s| s.token).collect();
-    let b: Vec<u32> = g.generate(&[1, 2, 3], 30, &p, |_| true).unwrap().iter().map(|s| s.token).collect();
+    let a: Vec<u32> =
+        g.generate(&[1, 2, 3], 30, &p, |_| true).unwrap().iter().map(|s| s.token).collect();
+    let b: Vec<u32> =
+        g.generate(&[1, 2, 3], 30, &p, |_| true).unwrap().iter().map(|s| s.token).collect();
     assert_eq!(a, b);
     assert_eq!(a.len(), 30, "runs past the 12-token context by rebuilding the cache");
     let other = SamplingParams { seed: 8, ..p };
-    let c: Vec<u32> = g.generate(&[1, 2, 3], 30, &other, |_| true).unwrap().iter().map(|s| s.token).collect();
+    let c: Vec<u32> =
+        g.generate(&[1, 2, 3], 30, &other, |_| true).unwrap().iter().map(|s| s.token).collect();
     assert_ne!(a, c);
 }
 

@@ -55,7 +55,11 @@ pub struct Trainer<B: Backend> {
 impl<B: Backend> Trainer<B> {
     /// Opens the data, builds the model and starts it from scratch, from `init_from` or from
     /// `resume`, as the job says.
-    pub fn new(be: Arc<B>, spec: JobSpec, collective: Box<dyn Collective<B>>) -> Result<Self, WorkerError> {
+    pub fn new(
+        be: Arc<B>,
+        spec: JobSpec,
+        collective: Box<dyn Collective<B>>,
+    ) -> Result<Self, WorkerError> {
         spec.validate()?;
         let data = Dataset::open(&spec.data.dir)?;
         let mut cfg = spec.gpt_config(data.tokenizer.vocab_size());
@@ -171,8 +175,13 @@ impl<B: Backend> Trainer<B> {
         let (b, t) = (tr.batch_size, self.spec.model.block_size);
         let (rank, world) = (self.collective.rank(), self.collective.world());
         let lr = lr_at(self.step, tr.learning_rate, tr.min_lr, tr.warmup_steps, tr.lr_decay_steps);
-        let mut sampler =
-            Sampler::new(&self.data.train, self.data.train_mask.as_ref(), tr.seed, Split::Train, t)?;
+        let mut sampler = Sampler::new(
+            &self.data.train,
+            self.data.train_mask.as_ref(),
+            tr.seed,
+            Split::Train,
+            t,
+        )?;
         self.gpt.zero_grad(&*self.be);
         let mut loss_sum = 0.0f64;
         for micro in 0..tr.grad_accum {

@@ -12,7 +12,8 @@ use ferrite_worker::trainer::Event;
 use ferrite_worker::{Collective, Single, Trainer};
 
 fn prepare(dir: &Path) -> std::path::PathBuf {
-    let text: String = (0..500).map(|i| format!("{} little pigs went to market.\n", i % 9)).collect();
+    let text: String =
+        (0..500).map(|i| format!("{} little pigs went to market.\n", i % 9)).collect();
     std::fs::write(dir.join("corpus.txt"), text).unwrap();
     let data = dir.join("data");
     let opts = ferrite_data::PrepareOptions::new("char", &data, vec![dir.join("corpus.txt")]);
@@ -64,8 +65,8 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
                 let (peers, data) = (peers.clone(), data.clone());
                 let out = tmp.path().join(format!("rank{rank}"));
                 s.spawn(move || {
-                    let ring = RingCollective::connect(listener, RingConfig::new(rank, peers, 7))
-                        .unwrap();
+                    let ring =
+                        RingCollective::connect(listener, RingConfig::new(rank, peers, 7)).unwrap();
                     train(spec(&data, &out, 2), Box::new(ring))
                 })
             })

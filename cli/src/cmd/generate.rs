@@ -44,10 +44,12 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let params =
+        SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     params.validate()?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.checkpoint.join(TOKENIZER_FILE));
-    let tok = Tokenizer::load(&tok_path).with_context(|| format!("loading {}", tok_path.display()))?;
+    let tok =
+        Tokenizer::load(&tok_path).with_context(|| format!("loading {}", tok_path.display()))?;
     let mut gen = Generator::from_checkpoint(&a.checkpoint, a.threads)?;
     let mut prompt = tok.encode(&a.prompt)?;
     if prompt.is_empty() {
@@ -112,7 +114,12 @@ impl<'a> TextStream<'a> {
             Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).expect("valid prefix"),
         };
         self.text = valid.to_string();
-        let cut = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text.find(s.as_str())).min();
+        let cut = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min();
         if let Some(at) = cut {
             self.text.truncate(at);
             self.stopped = true;

@@ -46,7 +46,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut trainer = Trainer::new(be, spec, Box::new(Single)).context("starting the job")?;
     let (total, start) = (trainer.spec.train.max_steps, trainer.step);
     eprintln!(
-        "model: {} params ({} layers, {} heads, {} wide, context {}, vocab {}); cpu, {threads} threads",
+        "model: {} params ({} layers, {} heads, {} wide, context {}, vocab {}); \
+         cpu, {threads} threads",
         trainer.gpt.cfg.num_params(),
         trainer.gpt.cfg.n_layer,
         trainer.gpt.cfg.n_head,

@@ -74,12 +74,10 @@ impl<'a> FileChunks<'a> {
         let chunk = std::mem::replace(&mut self.buf, rest);
         let start = self.offset;
         self.offset += cut as u64;
-        String::from_utf8(chunk)
-            .map(Some)
-            .map_err(|e| Error::NotUtf8 {
-                path: self.path.clone(),
-                offset: start + e.utf8_error().valid_up_to() as u64,
-            })
+        String::from_utf8(chunk).map(Some).map_err(|e| Error::NotUtf8 {
+            path: self.path.clone(),
+            offset: start + e.utf8_error().valid_up_to() as u64,
+        })
     }
 
     /// Reads until `buf` holds at least `want` bytes or the file ends.
@@ -131,10 +129,7 @@ pub(crate) fn is_safe_cut(text: &[u8], p: usize, guards: &[String]) -> bool {
         return true;
     }
     let after = &text[p + 1..];
-    let run_start = text[..p]
-        .iter()
-        .rposition(|&b| !is_ws(b))
-        .map_or(0, |i| i + 1);
+    let run_start = text[..p].iter().rposition(|&b| !is_ws(b)).map_or(0, |i| i + 1);
     let before = &text[..run_start];
     guards.iter().all(|g| {
         let g = g.as_bytes();
@@ -146,9 +141,7 @@ pub(crate) fn is_safe_cut(text: &[u8], p: usize, guards: &[String]) -> bool {
 
 /// The last safe cut in `text`, if any.
 fn last_safe_cut(text: &[u8], guards: &[String]) -> Option<usize> {
-    (1..text.len())
-        .rev()
-        .find(|&p| is_safe_cut(text, p, guards))
+    (1..text.len()).rev().find(|&p| is_safe_cut(text, p, guards))
 }
 
 /// Where to end the training split inside a chunk: the first safe cut at or after byte `at`,
@@ -160,21 +153,14 @@ pub(crate) fn split_point(text: &str, at: usize, guards: &[String]) -> usize {
     let bytes = text.as_bytes();
     (at..bytes.len())
         .find(|&p| is_safe_cut(bytes, p, guards))
-        .unwrap_or_else(|| {
-            (at..=text.len())
-                .find(|&p| text.is_char_boundary(p))
-                .unwrap()
-        })
+        .unwrap_or_else(|| (at..=text.len()).find(|&p| text.is_char_boundary(p)).unwrap())
 }
 
 /// The start of the last (possibly incomplete) character of `buf`, or `buf.len()` when that
 /// would be 0, so a cut always makes progress.
 fn last_char_boundary(buf: &[u8]) -> usize {
     let is_continuation = |b: u8| b & 0xC0 == 0x80;
-    let start = (0..buf.len())
-        .rev()
-        .find(|&i| !is_continuation(buf[i]))
-        .unwrap_or(0);
+    let start = (0..buf.len()).rev().find(|&i| !is_continuation(buf[i])).unwrap_or(0);
     if start == 0 {
         buf.len()
     } else {
@@ -205,9 +191,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.txt");
         std::fs::write(&path, text).unwrap();
-        FileChunks::new(&path, target, &[])
-            .collect::<Result<Vec<_>>>()
-            .unwrap()
+        FileChunks::new(&path, target, &[]).collect::<Result<Vec<_>>>().unwrap()
     }
 
     #[test]
@@ -218,10 +202,7 @@ mod tests {
             assert_eq!(chunks.concat(), text, "target {target}");
             if target >= 64 {
                 let max = chunks.iter().map(String::len).max().unwrap();
-                assert!(
-                    max <= MAX_CHUNK_FACTOR * target,
-                    "chunk of {max} for {target}"
-                );
+                assert!(max <= MAX_CHUNK_FACTOR * target, "chunk of {max} for {target}");
             }
         }
     }
@@ -243,14 +224,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.txt");
         std::fs::write(&path, text).unwrap();
-        let chunks: Vec<String> = FileChunks::new(&path, target, &guards)
-            .collect::<Result<_>>()
-            .unwrap();
-        assert!(
-            chunks.len() > 10,
-            "target {target}: only {} chunks",
-            chunks.len()
-        );
+        let chunks: Vec<String> =
+            FileChunks::new(&path, target, &guards).collect::<Result<_>>().unwrap();
+        assert!(chunks.len() > 10, "target {target}: only {} chunks", chunks.len());
         let mut edge = 0;
         for c in &chunks[..chunks.len() - 1] {
             edge += c.len();
@@ -266,10 +242,7 @@ mod tests {
         let text = mixed_text(6);
         let whole = tok.encode(&text).unwrap();
         for target in [40, 100, 333] {
-            assert!(
-                encode_in_chunks(&tok, &text, target) == whole,
-                "target {target}"
-            );
+            assert!(encode_in_chunks(&tok, &text, target) == whole, "target {target}");
         }
     }
 
@@ -279,10 +252,7 @@ mod tests {
         let tok = Tokenizer::by_name("bpe:300", [text.as_str()]).unwrap();
         let whole = tok.encode(&text).unwrap();
         for target in [40, 100, 333] {
-            assert!(
-                encode_in_chunks(&tok, &text, target) == whole,
-                "target {target}"
-            );
+            assert!(encode_in_chunks(&tok, &text, target) == whole, "target {target}");
         }
     }
 
@@ -310,11 +280,7 @@ mod tests {
     fn missing_file_is_one_error_naming_it() {
         let results: Vec<_> = FileChunks::new(Path::new("/nonexistent/x.txt"), 4, &[]).collect();
         assert_eq!(results.len(), 1);
-        assert!(results[0]
-            .as_ref()
-            .unwrap_err()
-            .to_string()
-            .contains("/nonexistent/x.txt"));
+        assert!(results[0].as_ref().unwrap_err().to_string().contains("/nonexistent/x.txt"));
     }
 
     #[test]
@@ -331,9 +297,7 @@ mod tests {
     #[test]
     fn safe_cuts_are_before_the_last_whitespace_of_a_run() {
         let text = b"ab  \n cd";
-        let cuts: Vec<usize> = (0..text.len())
-            .filter(|&p| is_safe_cut(text, p, &[]))
-            .collect();
+        let cuts: Vec<usize> = (0..text.len()).filter(|&p| is_safe_cut(text, p, &[])).collect();
         assert_eq!(cuts, vec![5]);
     }
 
@@ -342,9 +306,7 @@ mod tests {
         let guards = ["<|endoftext|>".to_string()];
         let safe = |text: &str| {
             let b = text.as_bytes();
-            (0..b.len())
-                .filter(|&p| is_safe_cut(b, p, &guards))
-                .collect::<Vec<_>>()
+            (0..b.len()).filter(|&p| is_safe_cut(b, p, &guards)).collect::<Vec<_>>()
         };
         assert_eq!(safe("a  <|endoftext|>"), Vec::<usize>::new());
         assert_eq!(safe("a  <|endof"), Vec::<usize>::new());

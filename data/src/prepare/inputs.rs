@@ -23,16 +23,11 @@ pub(crate) fn collect(inputs: &[PathBuf], exclude: &Path) -> Result<Vec<InputFil
         if meta.is_dir() {
             walk(input, exclude.as_deref(), &mut files)?;
         } else {
-            files.push(InputFile {
-                path: input.clone(),
-                len: meta.len(),
-            });
+            files.push(InputFile { path: input.clone(), len: meta.len() });
         }
     }
     if files.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "no input files found in {inputs:?}"
-        )));
+        return Err(Error::InvalidArgument(format!("no input files found in {inputs:?}")));
     }
     Ok(files)
 }
@@ -55,10 +50,7 @@ fn walk(dir: &Path, exclude: Option<&Path>, files: &mut Vec<InputFile>) -> Resul
         if meta.is_dir() {
             walk(&path, exclude, files)?;
         } else {
-            files.push(InputFile {
-                path,
-                len: meta.len(),
-            });
+            files.push(InputFile { path, len: meta.len() });
         }
     }
     Ok(())
@@ -72,14 +64,7 @@ mod tests {
     fn directories_are_walked_recursively_in_sorted_order_skipping_hidden_and_output() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for name in [
-            "b.txt",
-            "a/z.txt",
-            "a/c/d.txt",
-            ".hidden/x.txt",
-            ".y.txt",
-            "out/train.bin",
-        ] {
+        for name in ["b.txt", "a/z.txt", "a/c/d.txt", ".hidden/x.txt", ".y.txt", "out/train.bin"] {
             let path = root.join(name);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(&path, name).unwrap();
@@ -96,9 +81,7 @@ mod tests {
 
     #[test]
     fn a_missing_input_is_an_error_naming_it() {
-        let err = collect(&[PathBuf::from("/no/such/corpus")], Path::new("out"))
-            .err()
-            .unwrap();
+        let err = collect(&[PathBuf::from("/no/such/corpus")], Path::new("out")).err().unwrap();
         assert!(err.to_string().contains("/no/such/corpus"), "{err}");
     }
 

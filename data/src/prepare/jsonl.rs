@@ -38,12 +38,7 @@ pub(crate) struct Examples<'a> {
 
 impl<'a> Examples<'a> {
     pub(crate) fn new(files: &'a [InputFile]) -> Examples<'a> {
-        Examples {
-            files,
-            current: None,
-            next_file: 0,
-            done: false,
-        }
+        Examples { files, current: None, next_file: 0, done: false }
     }
 
     fn next_example(&mut self) -> Result<Option<Example>> {
@@ -61,12 +56,7 @@ impl<'a> Examples<'a> {
                 }
             };
             match file.next_example()? {
-                Some(example) => {
-                    return Ok(Some(Example {
-                        file: index,
-                        ..example
-                    }))
-                }
+                Some(example) => return Ok(Some(Example { file: index, ..example })),
                 None => self.current = None,
             }
         }
@@ -123,12 +113,9 @@ impl FileExamples {
             if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let mut example: Example =
-                serde_json::from_slice(&self.buf).map_err(|e| Error::BadJsonl {
-                    path: self.path.clone(),
-                    line: self.line,
-                    reason: reason(&e),
-                })?;
+            let mut example: Example = serde_json::from_slice(&self.buf).map_err(|e| {
+                Error::BadJsonl { path: self.path.clone(), line: self.line, reason: reason(&e) }
+            })?;
             example.line = self.line;
             example.bytes = std::mem::take(&mut self.unreported);
             return Ok(Some(example));
@@ -140,9 +127,7 @@ impl FileExamples {
 /// and the caller reports the file's line), plus the column.
 fn reason(e: &serde_json::Error) -> String {
     let msg = e.to_string();
-    let msg = msg
-        .rsplit_once(" at line ")
-        .map_or(msg.as_str(), |(m, _)| m);
+    let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m);
     let what = match e.classify() {
         serde_json::error::Category::Data => {
             "not a {\"prompt\": string, \"completion\": string} \
@@ -161,10 +146,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ft.jsonl");
         std::fs::write(&path, text).unwrap();
-        let files = [InputFile {
-            path,
-            len: text.len() as u64,
-        }];
+        let files = [InputFile { path, len: text.len() as u64 }];
         Examples::new(&files).collect()
     }
 
@@ -185,15 +167,9 @@ mod tests {
                     {\"prompt\": \"c\", \"completion\": \"d\", \"id\": 7}";
         let examples: Vec<Example> = examples_of(text).into_iter().map(Result::unwrap).collect();
         assert_eq!(examples.len(), 2);
-        assert_eq!(
-            (examples[0].prompt.as_str(), examples[0].completion.as_str()),
-            ("a", "b")
-        );
+        assert_eq!((examples[0].prompt.as_str(), examples[0].completion.as_str()), ("a", "b"));
         let first_line = text.find('\n').unwrap() as u64 + 1;
-        assert_eq!(
-            (examples[1].line, examples[1].bytes),
-            (4, text.len() as u64 - first_line)
-        );
+        assert_eq!((examples[1].line, examples[1].bytes), (4, text.len() as u64 - first_line));
     }
 
     #[test]

@@ -107,10 +107,7 @@ pub fn prepare(
     let files = inputs::collect(&opts.inputs, &opts.out)?;
     let input_bytes: u64 = files.iter().map(|f| f.len).sum();
     if input_bytes == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the inputs {:?} are empty",
-            opts.inputs
-        )));
+        return Err(Error::InvalidArgument(format!("the inputs {:?} are empty", opts.inputs)));
     }
     let source = TokenizerSource::parse(&opts.tokenizer)?;
     let passes = match opts.format {
@@ -155,9 +152,7 @@ fn prepare_text<F: FnMut(u64, u64) + Send>(
 ) -> Result<(Tokenizer, Counts)> {
     let tokenizer = if source.needs_corpus() {
         // No guards yet: where the chunks end matters little for counting words.
-        let chunks = files
-            .iter()
-            .flat_map(|f| FileChunks::new(&f.path, opts.chunk_bytes, &[]));
+        let chunks = files.iter().flat_map(|f| FileChunks::new(&f.path, opts.chunk_bytes, &[]));
         let chunks = chunks.inspect(|chunk| {
             if let Ok(text) = chunk {
                 progress.advance(text.len() as u64);
@@ -181,10 +176,9 @@ fn prepare_text<F: FnMut(u64, u64) + Send>(
     let mut in_val = false;
     for file in files {
         let encode = |text: &str| {
-            tokenizer.encode(text).map_err(|e| Error::Encode {
-                path: file.path.clone(),
-                error: Box::new(e),
-            })
+            tokenizer
+                .encode(text)
+                .map_err(|e| Error::Encode { path: file.path.clone(), error: Box::new(e) })
         };
         for chunk in FileChunks::new(&file.path, opts.chunk_bytes, &guards) {
             let chunk = chunk?;
@@ -216,14 +210,7 @@ fn prepare_text<F: FnMut(u64, u64) + Send>(
             _ => {}
         }
     }
-    Ok((
-        tokenizer,
-        Counts {
-            train_tokens,
-            val_tokens,
-            ..Counts::default()
-        },
-    ))
+    Ok((tokenizer, Counts { train_tokens, val_tokens, ..Counts::default() }))
 }
 
 fn prepare_jsonl<F: FnMut(u64, u64) + Send>(
@@ -246,10 +233,7 @@ fn prepare_jsonl<F: FnMut(u64, u64) + Send>(
     let tokenizer = first_pass(source, texts)?;
     progress.end_pass();
     if examples == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "no examples in {:?}",
-            opts.inputs
-        )));
+        return Err(Error::InvalidArgument(format!("no examples in {:?}", opts.inputs)));
     }
     let val_examples = val_example_count(examples, opts.val_fraction);
     let train_examples = examples - val_examples;
@@ -277,11 +261,7 @@ fn prepare_jsonl<F: FnMut(u64, u64) + Send>(
         mask.clear();
         mask.resize(prompt_len, 0);
         mask.resize(ids.len(), 1);
-        let side = if (i as u64) < train_examples {
-            &mut train
-        } else {
-            &mut val
-        };
+        let side = if (i as u64) < train_examples { &mut train } else { &mut val };
         side.push(&ids, Some(&mask))?;
         progress.advance(example.bytes);
     }

@@ -9,12 +9,7 @@ use crate::test_support::generated_corpus;
 fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let mut calls: Vec<(u64, u64)> = Vec::new();
     let summary = prepare(opts, |done, total| calls.push((done, total)))?;
-    assert!(
-        calls
-            .windows(2)
-            .all(|w| w[0].0 <= w[1].0 && w[0].1 == w[1].1),
-        "{calls:?}"
-    );
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 == w[1].1), "{calls:?}");
     let &(done, total) = calls.last().expect("progress was reported");
     assert_eq!(done, total);
     Ok(summary)
@@ -33,14 +28,8 @@ fn jsonl_line(prompt: &str, completion: &str) -> String {
 #[test]
 fn gpt2_text_shards_are_the_whole_files_encoded_with_eot_after_each() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        generated_corpus(60, 10),
-        generated_corpus(40, 11) + "日本語 🦀\r\n",
-    );
-    let inputs = vec![
-        write(dir.path(), "a.txt", &a),
-        write(dir.path(), "b.txt", &b),
-    ];
+    let (a, b) = (generated_corpus(60, 10), generated_corpus(40, 11) + "日本語 🦀\r\n");
+    let inputs = vec![write(dir.path(), "a.txt", &a), write(dir.path(), "b.txt", &b)];
     let out = dir.path().join("ds");
     let mut opts = PrepareOptions::new("gpt2", &out, inputs);
     // Small reads, so files span many chunks and the split lands inside one.
@@ -79,11 +68,7 @@ fn val_is_about_the_last_fraction_of_the_text() {
     assert_eq!(train_text + &val_text, corpus);
     let wanted = corpus.len() / 5;
     // The split moves forward to the next whitespace cut: within a word of the target.
-    assert!(
-        val_text.len() <= wanted && val_text.len() + 20 > wanted,
-        "{}",
-        val_text.len()
-    );
+    assert!(val_text.len() <= wanted && val_text.len() + 20 > wanted, "{}", val_text.len());
 }
 
 #[test]
@@ -141,17 +126,9 @@ fn an_existing_tokenizer_file_can_be_reused() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(dir.path(), "c.txt", "abcabc\n");
     let tok_path = dir.path().join("tok.json");
-    Tokenizer::by_name("char", ["abc\nxyz"])
-        .unwrap()
-        .save(&tok_path)
-        .unwrap();
+    Tokenizer::by_name("char", ["abc\nxyz"]).unwrap().save(&tok_path).unwrap();
     let out = dir.path().join("ds");
-    let summary = run(&PrepareOptions::new(
-        tok_path.to_str().unwrap(),
-        &out,
-        vec![input],
-    ))
-    .unwrap();
+    let summary = run(&PrepareOptions::new(tok_path.to_str().unwrap(), &out, vec![input])).unwrap();
     assert_eq!(summary.vocab_size, 7);
 }
 
@@ -160,17 +137,9 @@ fn text_a_loaded_char_tokenizer_cannot_encode_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let input = write(dir.path(), "odd.txt", "abq\n");
     let tok_path = dir.path().join("tok.json");
-    Tokenizer::by_name("char", ["ab\n"])
-        .unwrap()
-        .save(&tok_path)
-        .unwrap();
+    Tokenizer::by_name("char", ["ab\n"]).unwrap().save(&tok_path).unwrap();
     let out = dir.path().join("ds");
-    let err = run(&PrepareOptions::new(
-        tok_path.to_str().unwrap(),
-        &out,
-        vec![input],
-    ))
-    .unwrap_err();
+    let err = run(&PrepareOptions::new(tok_path.to_str().unwrap(), &out, vec![input])).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("odd.txt") && msg.contains("'q'"), "{msg}");
 }
@@ -185,10 +154,7 @@ fn non_utf8_input_fails_naming_the_file_and_writes_nothing() {
     for tokenizer in ["gpt2", "char"] {
         let opts = PrepareOptions::new(tokenizer, &out, vec![good.clone(), bad.clone()]);
         let err = run(&opts).unwrap_err();
-        assert!(
-            matches!(err, Error::NotUtf8 { offset: 3, .. }),
-            "{tokenizer}: {err}"
-        );
+        assert!(matches!(err, Error::NotUtf8 { offset: 3, .. }), "{tokenizer}: {err}");
         assert!(err.to_string().contains("bad.txt"), "{err}");
         let left: Vec<_> = fs::read_dir(&out).unwrap().collect();
         assert!(left.is_empty(), "{tokenizer}: files left behind: {left:?}");
@@ -204,10 +170,7 @@ fn bad_options_are_rejected() {
     opts.val_fraction = 1.0;
     assert!(run(&opts).unwrap_err().to_string().contains("val_fraction"));
     let opts = PrepareOptions::new("wordpiece", &out, vec![input]);
-    assert!(matches!(
-        run(&opts).unwrap_err(),
-        Error::UnknownTokenizer(_)
-    ));
+    assert!(matches!(run(&opts).unwrap_err(), Error::UnknownTokenizer(_)));
     let empty = write(dir.path(), "empty.txt", "");
     let opts = PrepareOptions::new("gpt2", &out, vec![empty]);
     assert!(run(&opts).unwrap_err().to_string().contains("empty"));
@@ -216,12 +179,7 @@ fn bad_options_are_rejected() {
 #[test]
 fn jsonl_masks_prompt_tokens_and_targets_completion_and_eot() {
     let dir = tempfile::tempdir().unwrap();
-    let examples = [
-        ("Q: 2+2?", " A: 4"),
-        ("Hello", " world"),
-        ("x", "y"),
-        ("Say hi", " hi"),
-    ];
+    let examples = [("Q: 2+2?", " A: 4"), ("Hello", " world"), ("x", "y"), ("Say hi", " hi")];
     let text: String = examples.iter().map(|(p, c)| jsonl_line(p, c)).collect();
     let input = write(dir.path(), "ft.jsonl", &text);
     let out = dir.path().join("ds");
@@ -300,11 +258,7 @@ fn a_single_jsonl_example_all_goes_to_train() {
 fn text_prepare_removes_masks_left_by_an_earlier_jsonl_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ds");
-    let jsonl = write(
-        dir.path(),
-        "ft.jsonl",
-        &(jsonl_line("a", "b") + &jsonl_line("c", "d")),
-    );
+    let jsonl = write(dir.path(), "ft.jsonl", &(jsonl_line("a", "b") + &jsonl_line("c", "d")));
     let mut opts = PrepareOptions::new("gpt2", &out, vec![jsonl]);
     opts.format = InputFormat::Jsonl;
     run(&opts).unwrap();

@@ -106,10 +106,7 @@ impl Header {
         widths: &[u32],
         file_len: u64,
     ) -> Result<Header> {
-        let bad = |reason: String| Error::BadShard {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadShard { path: path.to_path_buf(), reason };
         let magic: [u8; 8] = bytes[0..8].try_into().expect("8-byte slice");
         if magic != expected_magic {
             return Err(bad(format!(
@@ -127,9 +124,7 @@ impl Header {
         }
         let width = u32::from_le_bytes(bytes[12..16].try_into().expect("4-byte slice"));
         if !widths.contains(&width) {
-            return Err(bad(format!(
-                "bad item width {width} (expected one of {widths:?})"
-            )));
+            return Err(bad(format!("bad item width {width} (expected one of {widths:?})")));
         }
         let count = u64::from_le_bytes(bytes[16..24].try_into().expect("8-byte slice"));
         if bytes[24..32].iter().any(|&b| b != 0) {
@@ -151,11 +146,7 @@ impl Header {
                  in all) but the file has {file_len} bytes"
             )));
         }
-        Ok(Header {
-            magic,
-            width,
-            count,
-        })
+        Ok(Header { magic, width, count })
     }
 }
 

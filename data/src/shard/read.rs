@@ -143,10 +143,7 @@ struct Mapped {
 
 impl Mapped {
     fn open(path: &Path, magic: [u8; 8], widths: &[u32]) -> Result<(Mapped, Header)> {
-        let bad = |reason: String| Error::BadShard {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadShard { path: path.to_path_buf(), reason };
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if file_len < HEADER_LEN as u64 {
@@ -164,14 +161,7 @@ impl Mapped {
         let header = Header::decode(path, header_bytes, magic, widths, map.len() as u64)?;
         let len = usize::try_from(header.count)
             .map_err(|_| bad(format!("{} items do not fit this machine", header.count)))?;
-        Ok((
-            Mapped {
-                path: path.to_path_buf(),
-                map,
-                len,
-            },
-            header,
-        ))
+        Ok((Mapped { path: path.to_path_buf(), map, len }, header))
     }
 
     /// The bytes of items `start..start + n`, each `width` bytes wide.

@@ -43,10 +43,7 @@ fn assert_bad_shard<T>(result: Result<T>, path: &Path, what: &str) {
     match result {
         Err(e @ Error::BadShard { .. }) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains(&path.display().to_string()),
-                "no file name in: {msg}"
-            );
+            assert!(msg.contains(&path.display().to_string()), "no file name in: {msg}");
             assert!(msg.contains(what), "expected {what:?} in: {msg}");
         }
         Err(e) => panic!("expected BadShard, got {e}"),
@@ -64,10 +61,7 @@ fn u16_tokens_round_trip_through_writer_and_reader() {
     let shard = TokenShard::open(&path).expect("open");
     assert_eq!(shard.width(), TokenWidth::U16);
     assert_eq!(shard.len(), tokens.len());
-    assert_eq!(
-        fs::metadata(&path).unwrap().len(),
-        32 + 2 * tokens.len() as u64
-    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), 32 + 2 * tokens.len() as u64);
     assert_eq!(shard.to_vec(), tokens);
     assert_eq!(shard.get(3), tokens[3]);
     let mut window = [0u32; 10];
@@ -141,11 +135,7 @@ fn finish_replaces_an_existing_shard() {
     write_tokens(&path, TokenWidth::U16, &[1, 2, 3]);
     write_tokens(&path, TokenWidth::U16, &[9]);
     assert_eq!(TokenShard::open(&path).unwrap().to_vec(), vec![9]);
-    assert_eq!(
-        fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "temporary file left behind"
-    );
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "temporary file left behind");
 }
 
 #[test]
@@ -177,11 +167,7 @@ fn token_shard_opened_as_mask_says_what_it_is() {
 fn token_shard_rejects_wrong_version() {
     let dir = tmp();
     let path = raw_shard(dir.path(), "x.bin", &TOKEN_MAGIC, 2, 2, 1, 2);
-    assert_bad_shard(
-        TokenShard::open(&path),
-        &path,
-        "unsupported format version 2",
-    );
+    assert_bad_shard(TokenShard::open(&path), &path, "unsupported format version 2");
 }
 
 #[test]
@@ -203,11 +189,7 @@ fn token_shard_rejects_file_shorter_than_header() {
     let dir = tmp();
     let path = dir.path().join("x.bin");
     fs::write(&path, b"FERRTOK\0\x01").unwrap();
-    assert_bad_shard(
-        TokenShard::open(&path),
-        &path,
-        "shorter than the 32-byte header",
-    );
+    assert_bad_shard(TokenShard::open(&path), &path, "shorter than the 32-byte header");
 }
 
 #[test]

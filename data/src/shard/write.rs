@@ -75,17 +75,13 @@ pub struct MaskWriter {
 impl MaskWriter {
     /// Starts writing a mask shard that will appear at `path` on `finish`.
     pub fn create(path: &Path) -> Result<MaskWriter> {
-        Ok(MaskWriter {
-            raw: RawWriter::create(path, MASK_MAGIC, 1)?,
-        })
+        Ok(MaskWriter { raw: RawWriter::create(path, MASK_MAGIC, 1)? })
     }
 
     /// Appends mask entries; each must be 0 (ignored) or 1 (loss target).
     pub fn push(&mut self, mask: &[u8]) -> Result<()> {
         if let Some(&bad) = mask.iter().find(|&&m| m > 1) {
-            return Err(Error::InvalidArgument(format!(
-                "mask value {bad} is not 0 or 1"
-            )));
+            return Err(Error::InvalidArgument(format!("mask value {bad} is not 0 or 1")));
         }
         self.raw.scratch.clear();
         self.raw.scratch.extend_from_slice(mask);
@@ -127,8 +123,7 @@ impl RawWriter {
         let file = File::create(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         // Placeholder header; the real one is written by `finish`.
-        out.write_all(&[0u8; HEADER_LEN])
-            .map_err(|e| Error::io(&tmp_path, e))?;
+        out.write_all(&[0u8; HEADER_LEN]).map_err(|e| Error::io(&tmp_path, e))?;
         Ok(RawWriter {
             path: path.to_path_buf(),
             tmp_path,
@@ -143,8 +138,7 @@ impl RawWriter {
     /// Writes `scratch`, which holds `n` encoded items.
     fn write_scratch(&mut self, n: usize) -> Result<()> {
         let out = self.out.as_mut().expect("writer used after finish");
-        out.write_all(&self.scratch)
-            .map_err(|e| Error::io(&self.tmp_path, e))?;
+        out.write_all(&self.scratch).map_err(|e| Error::io(&self.tmp_path, e))?;
         self.count += n as u64;
         Ok(())
     }
@@ -152,18 +146,10 @@ impl RawWriter {
     fn finish(mut self) -> Result<u64> {
         let out = self.out.take().expect("writer finished twice");
         let tmp = &self.tmp_path;
-        let mut file = out
-            .into_inner()
-            .map_err(|e| Error::io(tmp, e.into_error()))?;
-        let header = Header {
-            magic: self.magic,
-            width: self.width,
-            count: self.count,
-        };
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io(tmp, e))?;
-        file.write_all(&header.encode())
-            .map_err(|e| Error::io(tmp, e))?;
+        let mut file = out.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
+        let header = Header { magic: self.magic, width: self.width, count: self.count };
+        file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(tmp, e))?;
+        file.write_all(&header.encode()).map_err(|e| Error::io(tmp, e))?;
         file.sync_all().map_err(|e| Error::io(tmp, e))?;
         drop(file);
         fs::rename(tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
@@ -184,10 +170,7 @@ impl Drop for RawWriter {
 /// `dir/.name.tmp-<pid>`: hidden, in the same directory so the rename stays on one
 /// filesystem, and per process so two writers do not collide.
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

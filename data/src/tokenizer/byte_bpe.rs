@@ -53,8 +53,7 @@ impl ByteBpe {
         // No prefix space: encoding must not add anything, so decoding gives the text back.
         hf.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         hf.with_decoder(Some(ByteLevel::new(false, true, true)));
-        hf.train(&mut TrainerWrapper::BpeTrainer(trainer), corpus)
-            .map_err(Error::Tokenizers)?;
+        hf.train(&mut TrainerWrapper::BpeTrainer(trainer), corpus).map_err(Error::Tokenizers)?;
         ByteBpe::from_hf(hf).map_err(Error::InvalidArgument)
     }
 
@@ -62,11 +61,9 @@ impl ByteBpe {
     /// stands for a byte string. On error, says why not.
     pub(crate) fn from_hf(mut hf: tokenizers::Tokenizer) -> std::result::Result<ByteBpe, String> {
         if !matches!(hf.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
-            return Err(
-                "not a byte-level tokenizer (its decoder is not ByteLevel), which \
+            return Err("not a byte-level tokenizer (its decoder is not ByteLevel), which \
                         ferrite needs to decode tokens to bytes"
-                    .into(),
-            );
+                .into());
         }
         // Ferrite encodes plain token streams: no truncation or padding from the file.
         hf.with_truncation(None).map_err(|e| e.to_string())?;
@@ -100,11 +97,7 @@ impl ByteBpe {
     }
 
     pub(crate) fn added_tokens(&self) -> Vec<String> {
-        self.hf
-            .get_added_tokens_decoder()
-            .into_values()
-            .map(|t| t.content)
-            .collect()
+        self.hf.get_added_tokens_decoder().into_values().map(|t| t.content).collect()
     }
 
     pub(crate) fn eot(&self) -> Option<u32> {
@@ -112,10 +105,7 @@ impl ByteBpe {
     }
 
     pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .hf
-            .encode_fast(text, false)
-            .map_err(Error::Tokenizers)?;
+        let encoding = self.hf.encode_fast(text, false).map_err(Error::Tokenizers)?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -126,10 +116,7 @@ impl ByteBpe {
                 .id_bytes
                 .get(id as usize)
                 .and_then(Option::as_deref)
-                .ok_or(Error::TokenOutOfRange {
-                    id,
-                    vocab_size: self.vocab_size(),
-                })?;
+                .ok_or(Error::TokenOutOfRange { id, vocab_size: self.vocab_size() })?;
             out.extend_from_slice(bytes);
         }
         Ok(out)

@@ -59,11 +59,7 @@ impl CharVocab {
     }
 
     fn from_sorted(chars: Vec<char>) -> CharVocab {
-        let ids = chars
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| (c, i as u32))
-            .collect();
+        let ids = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
         CharVocab { chars, ids }
     }
 
@@ -78,9 +74,7 @@ impl CharVocab {
 
     /// One id per character; a character outside the vocabulary is an error naming it.
     pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        text.chars()
-            .map(|ch| self.ids.get(&ch).copied().ok_or(Error::UnknownChar { ch }))
-            .collect()
+        text.chars().map(|ch| self.ids.get(&ch).copied().ok_or(Error::UnknownChar { ch })).collect()
     }
 
     /// The UTF-8 bytes of the characters of `ids`.
@@ -88,10 +82,10 @@ impl CharVocab {
         let mut out = Vec::with_capacity(ids.len());
         let mut buf = [0u8; 4];
         for &id in ids {
-            let ch = self.chars.get(id as usize).ok_or(Error::TokenOutOfRange {
-                id,
-                vocab_size: self.chars.len(),
-            })?;
+            let ch = self
+                .chars
+                .get(id as usize)
+                .ok_or(Error::TokenOutOfRange { id, vocab_size: self.chars.len() })?;
             out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
         }
         Ok(out)

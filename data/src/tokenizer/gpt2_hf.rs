@@ -38,21 +38,16 @@ fn derive(bpe: &CoreBPE) -> Gpt2Vocab {
     let bytes: Vec<Vec<u8>> = (0..GPT2_EOT)
         .map(|id| bpe.decode_bytes(&[id]).expect("r50k_base has ids 0..50256"))
         .collect();
-    let ranks: HashMap<&[u8], u32> = bytes
-        .iter()
-        .enumerate()
-        .map(|(id, b)| (b.as_slice(), id as u32))
-        .collect();
+    let ranks: HashMap<&[u8], u32> =
+        bytes.iter().enumerate().map(|(id, b)| (b.as_slice(), id as u32)).collect();
     let merges = bytes
         .iter()
         .enumerate()
         .filter(|(_, b)| b.len() > 1)
         .map(|(id, b)| last_merge(b, id as u32, &ranks))
         .collect();
-    let mut tokens: Vec<String> = bytes
-        .iter()
-        .map(|b| b.iter().map(|&x| byte_to_char(x)).collect())
-        .collect();
+    let mut tokens: Vec<String> =
+        bytes.iter().map(|b| b.iter().map(|&x| byte_to_char(x)).collect()).collect();
     tokens.push(END_OF_TEXT.to_string());
     Gpt2Vocab { tokens, merges }
 }
@@ -78,11 +73,7 @@ fn last_merge(token: &[u8], rank: u32, ranks: &HashMap<&[u8], u32>) -> (u32, u32
     }
     // tiktoken's vocabulary is closed under this: every token of more than one byte is the
     // join of two lower-ranked tokens.
-    assert_eq!(
-        bounds.len(),
-        3,
-        "r50k_base token {rank} is not two lower-ranked tokens"
-    );
+    assert_eq!(bounds.len(), 3, "r50k_base token {rank} is not two lower-ranked tokens");
     (ranks[&token[..bounds[1]]], ranks[&token[bounds[1]..]])
 }
 
@@ -90,12 +81,8 @@ impl Gpt2Vocab {
     /// The Hugging Face tokenizer: byte-level BPE with GPT-2's pre-tokenizer (no prefix
     /// space) and decoder, and `<|endoftext|>` as added token 50256.
     pub(crate) fn hf_tokenizer(&self) -> tokenizers::Tokenizer {
-        let vocab: Vocab = self
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
+        let vocab: Vocab =
+            self.tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
         let merges = self
             .merges
             .iter()

@@ -107,9 +107,7 @@ enum OwnFile {
 impl Tokenizer {
     /// GPT-2's byte-level BPE (r50k_base): 50257 tokens, end-of-text 50256.
     pub fn gpt2() -> Tokenizer {
-        Tokenizer {
-            kind: Kind::Gpt2(tiktoken_rs::r50k_base_singleton()),
-        }
+        Tokenizer { kind: Kind::Gpt2(tiktoken_rs::r50k_base_singleton()) }
     }
 
     /// Builds the tokenizer `name` (`gpt2`, `char` or `bpe:<vocab_size>`); `char` and `bpe`
@@ -144,10 +142,7 @@ impl Tokenizer {
     /// Face tokenizer file. A file that encodes exactly as GPT-2 (see
     /// `Gpt2Vocab::matches_hf_file`) loads as `gpt2`.
     pub fn load(path: &Path) -> Result<Tokenizer> {
-        let bad = |reason: String| Error::BadTokenizerFile {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadTokenizerFile { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
@@ -172,13 +167,10 @@ impl Tokenizer {
             serde_json::to_string_pretty(file).expect("plain data always serialises")
         };
         let json = match &self.kind {
-            Kind::Gpt2(_) => gpt2_hf::vocab()
-                .hf_tokenizer()
-                .to_string(true)
-                .map_err(Error::Tokenizers)?,
-            Kind::Char(vocab) => own(&OwnFile::Char {
-                chars: vocab.chars().to_vec(),
-            }),
+            Kind::Gpt2(_) => {
+                gpt2_hf::vocab().hf_tokenizer().to_string(true).map_err(Error::Tokenizers)?
+            }
+            Kind::Char(vocab) => own(&OwnFile::Char { chars: vocab.chars().to_vec() }),
             Kind::Bpe(bpe) => bpe.hf().to_string(true).map_err(Error::Tokenizers)?,
         };
         std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))
@@ -221,10 +213,9 @@ impl Tokenizer {
     /// vocabulary is an error naming it.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         match &self.kind {
-            Kind::Gpt2(bpe) => bpe.decode_bytes(ids).map_err(|e| Error::TokenOutOfRange {
-                id: e.token,
-                vocab_size: GPT2_VOCAB_SIZE,
-            }),
+            Kind::Gpt2(bpe) => bpe
+                .decode_bytes(ids)
+                .map_err(|e| Error::TokenOutOfRange { id: e.token, vocab_size: GPT2_VOCAB_SIZE }),
             Kind::Char(vocab) => vocab.decode_bytes(ids),
             Kind::Bpe(bpe) => bpe.decode_bytes(ids),
         }

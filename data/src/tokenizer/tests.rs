@@ -11,13 +11,8 @@ fn no_corpus() -> std::iter::Empty<&'static str> {
 
 fn assert_round_trips(tok: &Tokenizer, texts: &[String]) {
     for text in texts {
-        let ids = tok
-            .encode(text)
-            .unwrap_or_else(|e| panic!("encode {text:?}: {e}"));
-        assert!(
-            ids.iter().all(|&id| (id as usize) < tok.vocab_size()),
-            "{text:?}: {ids:?}"
-        );
+        let ids = tok.encode(text).unwrap_or_else(|e| panic!("encode {text:?}: {e}"));
+        assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size()), "{text:?}: {ids:?}");
         assert_eq!(&tok.decode(&ids).unwrap(), text, "ids {ids:?}");
         assert_eq!(tok.decode_bytes(&ids).unwrap(), text.as_bytes());
     }
@@ -28,10 +23,7 @@ fn assert_bad_file(result: Result<Tokenizer>, path: &Path, what: &str) {
     match result {
         Err(e @ Error::BadTokenizerFile { .. }) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains(&path.display().to_string()),
-                "no file name in: {msg}"
-            );
+            assert!(msg.contains(&path.display().to_string()), "no file name in: {msg}");
             assert!(msg.contains(what), "expected {what:?} in: {msg}");
         }
         Err(e) => panic!("expected BadTokenizerFile, got {e}"),
@@ -41,29 +33,14 @@ fn assert_bad_file(result: Result<Tokenizer>, path: &Path, what: &str) {
 
 #[test]
 fn spec_parses_the_three_names_and_rejects_others() {
-    assert_eq!(
-        "gpt2".parse::<TokenizerSpec>().unwrap(),
-        TokenizerSpec::Gpt2
-    );
-    assert_eq!(
-        "char".parse::<TokenizerSpec>().unwrap(),
-        TokenizerSpec::Char
-    );
-    assert_eq!(
-        "bpe:512".parse::<TokenizerSpec>().unwrap(),
-        TokenizerSpec::Bpe { vocab_size: 512 }
-    );
+    assert_eq!("gpt2".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Gpt2);
+    assert_eq!("char".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Char);
+    assert_eq!("bpe:512".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Bpe { vocab_size: 512 });
     for bad in ["gpt3", "bpe:", "bpe:x", "bpe", "", "char:10"] {
         let err = bad.parse::<TokenizerSpec>().unwrap_err();
-        assert!(
-            matches!(err, Error::UnknownTokenizer(ref n) if n == bad),
-            "{bad}: {err}"
-        );
+        assert!(matches!(err, Error::UnknownTokenizer(ref n) if n == bad), "{bad}: {err}");
     }
-    assert_eq!(
-        TokenizerSpec::Bpe { vocab_size: 300 }.to_string(),
-        "bpe:300"
-    );
+    assert_eq!(TokenizerSpec::Bpe { vocab_size: 300 }.to_string(), "bpe:300");
 }
 
 #[test]
@@ -91,10 +68,7 @@ fn gpt2_encodes_literal_end_of_text_as_ordinary_text() {
 #[test]
 fn gpt2_decode_rejects_id_past_the_vocabulary() {
     let err = Tokenizer::gpt2().decode(&[15496, 50257]).unwrap_err();
-    assert!(
-        matches!(err, Error::TokenOutOfRange { id: 50257, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, Error::TokenOutOfRange { id: 50257, .. }), "{err}");
     assert!(err.to_string().contains("50257"), "{err}");
 }
 
@@ -103,24 +77,14 @@ fn decode_bytes_gives_partial_utf8_per_token() {
     let tok = Tokenizer::gpt2();
     let text = "🦀 crab";
     let ids = tok.encode(text).unwrap();
-    let pieces: Vec<Vec<u8>> = ids
-        .iter()
-        .map(|&id| tok.decode_bytes(&[id]).unwrap())
-        .collect();
+    let pieces: Vec<Vec<u8>> = ids.iter().map(|&id| tok.decode_bytes(&[id]).unwrap()).collect();
     assert_eq!(pieces.concat(), text.as_bytes());
     // The emoji's four bytes are split over several tokens, so some piece alone is not UTF-8.
-    assert!(
-        pieces.iter().any(|p| std::str::from_utf8(p).is_err()),
-        "{pieces:?}"
-    );
+    assert!(pieces.iter().any(|p| std::str::from_utf8(p).is_err()), "{pieces:?}");
     // `decode` of such a piece substitutes U+FFFD rather than failing.
-    let partial = ids
-        .iter()
-        .position(|&id| std::str::from_utf8(&tok.decode_bytes(&[id]).unwrap()).is_err());
-    assert!(tok
-        .decode(&[ids[partial.unwrap()]])
-        .unwrap()
-        .contains('\u{fffd}'));
+    let partial =
+        ids.iter().position(|&id| std::str::from_utf8(&tok.decode_bytes(&[id]).unwrap()).is_err());
+    assert!(tok.decode(&[ids[partial.unwrap()]]).unwrap().contains('\u{fffd}'));
 }
 
 /// Saves GPT-2's tokenizer to a temporary folder; returns the folder and the file's JSON.
@@ -219,10 +183,7 @@ fn gpt2_file_with_string_merges_loads_as_gpt2() {
         .map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()).into())
         .collect();
     json["model"]["merges"] = merges.into();
-    json["pre_tokenizer"]
-        .as_object_mut()
-        .unwrap()
-        .remove("use_regex");
+    json["pre_tokenizer"].as_object_mut().unwrap().remove("use_regex");
     fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
     assert_eq!(Tokenizer::load(&path).unwrap().kind(), "gpt2");
 }
@@ -256,14 +217,9 @@ fn char_vocabulary_is_the_sorted_distinct_characters_of_the_corpus() {
     let tok = Tokenizer::by_name("char", ["hello world\n", "wörld"]).unwrap();
     // Sorted by code point: '\n' ' ' d e h l o r w ö
     assert_eq!(tok.vocab_size(), 10);
-    assert_eq!(
-        tok.encode("\n dehlorwö").unwrap(),
-        (0..10).collect::<Vec<u32>>()
-    );
+    assert_eq!(tok.encode("\n dehlorwö").unwrap(), (0..10).collect::<Vec<u32>>());
     assert_eq!(tok.eot(), None);
-    let texts: Vec<String> = ["hello", "world\n", "", "wörld hello"]
-        .map(String::from)
-        .into();
+    let texts: Vec<String> = ["hello", "world\n", "", "wörld hello"].map(String::from).into();
     assert_round_trips(&tok, &texts);
 }
 
@@ -279,16 +235,7 @@ fn char_encode_names_the_unknown_character() {
 fn char_decode_names_the_out_of_range_id() {
     let tok = Tokenizer::by_name("char", ["abc"]).unwrap();
     let err = tok.decode(&[0, 3]).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::TokenOutOfRange {
-                id: 3,
-                vocab_size: 3
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::TokenOutOfRange { id: 3, vocab_size: 3 }), "{err}");
 }
 
 #[test]
@@ -306,21 +253,14 @@ fn char_tokenizer_saves_and_loads_the_same_vocabulary() {
     let loaded = Tokenizer::load(&path).unwrap();
     assert_eq!(loaded.kind(), "char");
     assert_eq!(loaded.vocab_size(), tok.vocab_size());
-    assert_eq!(
-        loaded.encode(&corpus).unwrap(),
-        tok.encode(&corpus).unwrap()
-    );
+    assert_eq!(loaded.encode(&corpus).unwrap(), tok.encode(&corpus).unwrap());
 }
 
 #[test]
 fn char_file_with_unsorted_or_bad_entries_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
-    fs::write(
-        &path,
-        r#"{"ferrite_tokenizer": "char", "chars": ["b", "a"]}"#,
-    )
-    .unwrap();
+    fs::write(&path, r#"{"ferrite_tokenizer": "char", "chars": ["b", "a"]}"#).unwrap();
     assert_bad_file(Tokenizer::load(&path), &path, "not sorted");
     fs::write(&path, r#"{"ferrite_tokenizer": "char", "chars": ["ab"]}"#).unwrap();
     assert_bad_file(Tokenizer::load(&path), &path, "character");
@@ -337,11 +277,7 @@ fn load_rejects_non_json_unknown_kinds_and_non_tokenizers() {
     fs::write(&path, r#"{"ferrite_tokenizer": "gpt5"}"#).unwrap();
     assert_bad_file(Tokenizer::load(&path), &path, "gpt5");
     fs::write(&path, r#"{"hello": 1}"#).unwrap();
-    assert_bad_file(
-        Tokenizer::load(&path),
-        &path,
-        "not a Hugging Face tokenizer",
-    );
+    assert_bad_file(Tokenizer::load(&path), &path, "not a Hugging Face tokenizer");
     let missing = dir.path().join("missing.json");
     let err = Tokenizer::load(&missing).unwrap_err();
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("missing.json"));
@@ -390,19 +326,14 @@ fn bpe_below_257_tokens_is_rejected() {
 fn bpe_decode_names_the_out_of_range_id() {
     let tok = Tokenizer::by_name("bpe:260", ["aaaa bbbb"]).unwrap();
     let err = tok.decode(&[1, 9999]).unwrap_err();
-    assert!(
-        matches!(err, Error::TokenOutOfRange { id: 9999, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, Error::TokenOutOfRange { id: 9999, .. }), "{err}");
 }
 
 #[test]
 fn byte_level_map_is_a_bijection_onto_the_hugging_face_alphabet() {
     let ours: std::collections::HashSet<char> = (0..=255u8).map(byte_to_char).collect();
     let theirs: std::collections::HashSet<char> =
-        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
-            .into_iter()
-            .collect();
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
     assert_eq!(ours, theirs);
     for b in 0..=255u8 {
         assert_eq!(char_to_byte(byte_to_char(b)), Some(b));

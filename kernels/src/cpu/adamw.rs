@@ -8,7 +8,15 @@ const CHUNK: usize = 1 << 14;
 
 crate::math::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamW, bc1: f32, bc2: f32) {
+    fn update_chunk(
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        hp: &AdamW,
+        bc1: f32,
+        bc2: f32,
+    ) {
         for i in 0..p.len() {
             let g = g[i] * hp.grad_scale;
             let mi = hp.beta1 * m[i] + (1.0 - hp.beta1) * g;

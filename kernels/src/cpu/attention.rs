@@ -236,13 +236,27 @@ pub fn backward(
                 let o_row = (bi * t + i0) * c + h * hd.hs; // dout/out offset of row i0
                 let g = dout.as_ptr().add(o_row);
                 // dP (rows × keys) = dout (rows × hs) @ v^T (hs × keys)
-                mm(rows, keys, hd.hs, dpr.as_mut_ptr(), keys, false, g, c, 1,
-                   qkv.as_ptr().add(hd.q + 2 * c), 1, hd.row, 1.0);
+                mm(
+                    rows,
+                    keys,
+                    hd.hs,
+                    dpr.as_mut_ptr(),
+                    keys,
+                    false,
+                    g,
+                    c,
+                    1,
+                    qkv.as_ptr().add(hd.q + 2 * c),
+                    1,
+                    hd.row,
+                    1.0,
+                );
                 // dS = P ∘ (dP − rowsum(dout ∘ out)) · scale, in place of dP
                 for r in 0..rows {
                     let off = o_row + r * c;
                     let d = math::dot(&dout[off..off + hd.hs], &out[off..off + hd.hs]);
-                    let (pr, dr) = (&p[r * keys..(r + 1) * keys], &mut dpr[r * keys..(r + 1) * keys]);
+                    let (pr, dr) =
+                        (&p[r * keys..(r + 1) * keys], &mut dpr[r * keys..(r + 1) * keys]);
                     for (x, &pp) in dr.iter_mut().zip(pr) {
                         *x = pp * (*x - d) * scale;
                     }
@@ -250,14 +264,53 @@ pub fn backward(
                 let k = qkv.as_ptr().add(hd.q + hd.c);
                 let q = qkv.as_ptr().add(hd.q + i0 * hd.row);
                 // dq[i0..] (rows × hs) = dS (rows × keys) @ k (keys × hs)
-                mm(rows, hd.hs, keys, dp.get().add(hd.q + i0 * hd.row), hd.row, false,
-                   dpr.as_ptr(), keys, 1, k, hd.row, 1, 1.0);
+                mm(
+                    rows,
+                    hd.hs,
+                    keys,
+                    dp.get().add(hd.q + i0 * hd.row),
+                    hd.row,
+                    false,
+                    dpr.as_ptr(),
+                    keys,
+                    1,
+                    k,
+                    hd.row,
+                    1,
+                    1.0,
+                );
                 // dk[..keys] (keys × hs) += dS^T (keys × rows) @ q (rows × hs)
-                mm(keys, hd.hs, rows, dp.get().add(hd.q + hd.c), hd.row, true,
-                   dpr.as_ptr(), 1, keys, q, hd.row, 1, 1.0);
+                mm(
+                    keys,
+                    hd.hs,
+                    rows,
+                    dp.get().add(hd.q + hd.c),
+                    hd.row,
+                    true,
+                    dpr.as_ptr(),
+                    1,
+                    keys,
+                    q,
+                    hd.row,
+                    1,
+                    1.0,
+                );
                 // dv[..keys] (keys × hs) += P^T (keys × rows) @ dout (rows × hs)
-                mm(keys, hd.hs, rows, dp.get().add(hd.q + 2 * hd.c), hd.row, true,
-                   p.as_ptr(), 1, keys, g, c, 1, 1.0);
+                mm(
+                    keys,
+                    hd.hs,
+                    rows,
+                    dp.get().add(hd.q + 2 * hd.c),
+                    hd.row,
+                    true,
+                    p.as_ptr(),
+                    1,
+                    keys,
+                    g,
+                    c,
+                    1,
+                    1.0,
+                );
             });
         }
     });
@@ -280,7 +333,9 @@ pub fn attention_cached(
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let keys = past + rows;
-    assert!(out.len() >= rows * c && q.len() >= rows * c && k.len() >= keys * c && v.len() >= keys * c);
+    assert!(
+        out.len() >= rows * c && q.len() >= rows * c && k.len() >= keys * c && v.len() >= keys * c
+    );
     let op = SendPtr(out.as_mut_ptr());
     (0..rows * nh).into_par_iter().for_each(|job| {
         let (r, h) = (job / nh, job % nh);

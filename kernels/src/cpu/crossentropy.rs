@@ -1,7 +1,7 @@
 //! Fused softmax + cross-entropy over padded logits, with an ignore index.
 
-use super::for_rows;
 use super::attention::exp_shifted;
+use super::for_rows;
 use crate::IGNORE_INDEX;
 
 /// logits (n,vp) become probabilities in place; losses (n) = -ln p[target].

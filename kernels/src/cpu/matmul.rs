@@ -110,7 +110,17 @@ pub fn forward(
     let wm = weight_mat(w, layout, c, oc);
     // SAFETY: sizes asserted above.
     unsafe {
-        par_gemm(n, oc, c, out.as_mut_ptr(), oc, bias.is_some(), Mat::row_major(inp, c), wm, threads)
+        par_gemm(
+            n,
+            oc,
+            c,
+            out.as_mut_ptr(),
+            oc,
+            bias.is_some(),
+            Mat::row_major(inp, c),
+            wm,
+            threads,
+        )
     }
 }
 
@@ -171,7 +181,8 @@ pub fn backward(
         let dbp = SendPtr(db.as_mut_ptr());
         par_ranges(oc, threads, 16, |cols| {
             // SAFETY: cols < oc (asserted); column ranges are disjoint between tasks.
-            let db = unsafe { std::slice::from_raw_parts_mut(dbp.get().add(cols.start), cols.len()) };
+            let db =
+                unsafe { std::slice::from_raw_parts_mut(dbp.get().add(cols.start), cols.len()) };
             for row in dout[..n * oc].chunks_exact(oc) {
                 for (d, g) in db.iter_mut().zip(&row[cols.clone()]) {
                     *d += g;

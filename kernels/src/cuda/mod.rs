@@ -39,9 +39,7 @@ impl std::str::FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => Err(format!(
-                    "unknown device {s:?}: expected cpu, cuda or cuda:N"
-                )),
+                _ => Err(format!("unknown device {s:?}: expected cpu, cuda or cuda:N")),
             },
         }
     }
@@ -75,10 +73,7 @@ mod driver {
 
     fn no_cuda(what: &str, e: result::DriverError) -> KernelError {
         let reason = e.error_string().map(|s| s.to_string_lossy().into_owned());
-        KernelError::NoCuda(format!(
-            "{what}: {}",
-            reason.unwrap_or_else(|_| format!("{e:?}"))
-        ))
+        KernelError::NoCuda(format!("{what}: {}", reason.unwrap_or_else(|_| format!("{e:?}"))))
     }
 
     /// The name of device `ordinal`, once the driver is known to be usable.

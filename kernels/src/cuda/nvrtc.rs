@@ -22,11 +22,7 @@ pub enum NvrtcError {
     )]
     Missing,
     #[error("NVRTC could not compile {name}.cu ({code}):\n{log}")]
-    Compile {
-        name: String,
-        code: String,
-        log: String,
-    },
+    Compile { name: String, code: String, log: String },
     #[error("NVRTC failed on {name}: {message}")]
     Other { name: String, message: String },
 }
@@ -62,12 +58,9 @@ pub fn version() -> Result<(i32, i32), NvrtcError> {
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: the library is present (checked above); nvrtcVersion writes two ints.
-    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| NvrtcError::Other {
-            name: "nvrtcVersion".into(),
-            message: format!("{e:?}"),
-        })?;
+    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| {
+        NvrtcError::Other { name: "nvrtcVersion".into(), message: format!("{e:?}") }
+    })?;
     Ok((major, minor))
 }
 
@@ -79,10 +72,7 @@ pub fn compile(kernel: &KernelSource, arch: Option<&'static str>) -> Result<Ptx,
 
 /// Compiles every embedded kernel file, stopping at the first error.
 pub fn compile_all(arch: Option<&'static str>) -> Result<Vec<(&'static str, Ptx)>, NvrtcError> {
-    KERNELS
-        .iter()
-        .map(|k| Ok((k.name, compile(k, arch)?)))
-        .collect()
+    KERNELS.iter().map(|k| Ok((k.name, compile(k, arch)?))).collect()
 }
 
 /// Compiles `source` (the body of `name.cu`) after the shared helpers. NVRTC's log keeps
@@ -114,10 +104,7 @@ pub fn compile_source(
             code: format!("{nvrtc:?}"),
             log: cstr_lossy(&log),
         },
-        other => NvrtcError::Other {
-            name: format!("{name}.cu"),
-            message: format!("{other:?}"),
-        },
+        other => NvrtcError::Other { name: format!("{name}.cu"), message: format!("{other:?}") },
     })
 }
 
@@ -141,13 +128,8 @@ pub fn compile_cubin(kernel: &KernelSource, arch: &str) -> Result<Cubin, NvrtcEr
         name: name.clone(),
         message: format!("{what}: {e:?}"),
     };
-    let src =
-        CString::new(format!("{COMMON}\n#line 1 \"{name}\"\n{}", kernel.source)).map_err(|_| {
-            NvrtcError::Other {
-                name: name.clone(),
-                message: "NUL in source".into(),
-            }
-        })?;
+    let src = CString::new(format!("{COMMON}\n#line 1 \"{name}\"\n{}", kernel.source))
+        .map_err(|_| NvrtcError::Other { name: name.clone(), message: "NUL in source".into() })?;
     let cname = CString::new(name.clone()).expect("kernel names hold no NUL");
     let prog = nvrtc::result::create_program(&src, Some(&cname))
         .map_err(|e| other("nvrtcCreateProgram", e))?;

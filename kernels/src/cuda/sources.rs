@@ -26,40 +26,16 @@ macro_rules! kernel {
 
 /// Every kernel file, in the order of the ops in [`crate::Backend`].
 pub const KERNELS: &[KernelSource] = &[
-    kernel!(
-        "encoder",
-        [
-            "encoder_forward",
-            "encoder_backward_wpe",
-            "encoder_backward_wte"
-        ]
-    ),
+    kernel!("encoder", ["encoder_forward", "encoder_backward_wpe", "encoder_backward_wte"]),
     kernel!(
         "layernorm",
-        [
-            "layernorm_forward",
-            "layernorm_backward_dinp",
-            "layernorm_backward_params"
-        ]
+        ["layernorm_forward", "layernorm_backward_dinp", "layernorm_backward_params"]
     ),
     kernel!("bias", ["bias_broadcast", "bias_backward"]),
-    kernel!(
-        "attention",
-        [
-            "attention_forward",
-            "attention_backward_dq",
-            "attention_backward_dkv"
-        ]
-    ),
-    kernel!(
-        "gelu",
-        ["gelu_forward", "gelu_backward", "gelu_forward_bf16", "gelu_backward_bf16"]
-    ),
+    kernel!("attention", ["attention_forward", "attention_backward_dq", "attention_backward_dkv"]),
+    kernel!("gelu", ["gelu_forward", "gelu_backward", "gelu_forward_bf16", "gelu_backward_bf16"]),
     kernel!("residual", ["residual_forward", "residual_forward_bf16"]),
-    kernel!(
-        "crossentropy",
-        ["crossentropy_forward", "crossentropy_backward"]
-    ),
+    kernel!("crossentropy", ["crossentropy_forward", "crossentropy_backward"]),
     kernel!("global_norm", ["sum_squares_partial", "sum_squares_final"]),
     kernel!("adamw", ["adamw"]),
 ];
@@ -84,18 +60,10 @@ mod tests {
                 assert_eq!(n, 1, "{}.cu defines {e} {n} times", k.name);
                 let at = k.source.find(&decl).unwrap();
                 let before = &k.source[..at];
-                assert!(
-                    before.trim_end().ends_with("extern \"C\""),
-                    "{e} is not extern \"C\""
-                );
+                assert!(before.trim_end().ends_with("extern \"C\""), "{e} is not extern \"C\"");
             }
             let defined = k.source.matches("__global__ void ").count();
-            assert_eq!(
-                defined,
-                k.entries.len(),
-                "{}.cu defines kernels not listed",
-                k.name
-            );
+            assert_eq!(defined, k.entries.len(), "{}.cu defines kernels not listed", k.name);
         }
     }
 
