@@ -27,6 +27,12 @@ enum Command {
     /// Micro-benchmarks of Ferrite's own kernels and training step.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Run the coordinator: the cluster's job API and scheduler state.
+    Coordinator(cmd::coordinator::CoordinatorArgs),
+    /// Submit, list, inspect and cancel jobs on a coordinator.
+    Job(cmd::job::JobArgs),
+    /// Published checkpoints on a coordinator.
+    Checkpoints(cmd::job::CheckpointsArgs),
 }
 
 #[derive(Subcommand)]
@@ -44,5 +50,8 @@ fn main() -> anyhow::Result<()> {
         Command::Detokenize(args) => cmd::data::detokenize(args),
         Command::Data(DataCommand::Prepare(args)) => cmd::data::prepare(args),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
+        Command::Job(args) => cmd::job::run(args),
+        Command::Checkpoints(args) => cmd::job::checkpoints(args),
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! Owns: every piece of cluster state (jobs, their state machine and history, worker leases,
 //! published checkpoints) and the decision of which job runs on which workers.
-//! Must not depend on: `ferrite-kernels`, `ferrite-model`, `ferrite-worker` (the control plane
-//! runs no math and never links the training role). Generated gRPC types (`ferrite-proto`)
-//! are used only in [`rpc`]; everything else works on domain types.
+//! Must not depend on: `ferrite-worker` (the control plane never links the training role),
+//! nor run math. It uses `ferrite-model` only to parse and validate job files at submission,
+//! so `ferrite train` and the cluster accept the same files. Generated gRPC types
+//! (`ferrite-proto`) are used only at the edge, [`rpc`] and [`server`]; everything else works
+//! on domain types.
 //!
 //! Layout:
 //! - [`error`] — the crate's one error enum and its retryability.
@@ -16,8 +18,9 @@
 //! - [`jobs`] — the job registry over a store: submit, transitions, assignments.
 //! - [`checkpoints`] — the checkpoint registry: record, list, newest.
 //! - [`members`] — worker membership held by store leases.
-//! - [`rpc`] — the edge to `ferrite.v1`: conversions and the error -> `Status` mapping (the
-//!   gRPC services themselves are not written yet).
+//! - [`rpc`] — the edge to `ferrite.v1`: conversions and the error -> `Status` mapping.
+//! - [`server`] — the gRPC server: `JobService`, health and reflection, `run(listener, deps,
+//!   shutdown)`; the worker-facing `WorkerService` is not written yet.
 
 pub mod checkpoints;
 pub mod error;
@@ -27,6 +30,7 @@ mod keys;
 pub mod members;
 pub mod rpc;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 
 pub use checkpoints::CheckpointRegistry;

@@ -1,6 +1,8 @@
 //! One module per command family.
 
 pub mod bench;
+pub mod coordinator;
 pub mod data;
 pub mod generate;
+pub mod job;
 pub mod train;

@@ -1,0 +1,360 @@
+//! `ferrite job …` and `ferrite checkpoints …`: the operator's client of the coordinator's
+//! `JobService`. Server errors print as one line, `error: <what>`, and exit with status 1.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use ferrite_proto::v1 as pb;
+use pb::job_service_client::JobServiceClient;
+use serde_json::json;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the coordinator is.
+#[derive(Args)]
+pub struct Connection {
+    /// Coordinator URL, `http://HOST:PORT` (or `HOST:PORT`).
+    #[arg(
+        long,
+        env = "FERRITE_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    coordinator: String,
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    command: JobCommand,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Submit a job file; prints the new job's id.
+    Submit {
+        /// The job file (TOML), as `ferrite train` takes it. Paths in it are read on the
+        /// coordinator's machine.
+        file: PathBuf,
+        /// Name shown in listings (default: the file's `name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Higher runs first (default: the file's `cluster.priority`).
+        #[arg(long)]
+        priority: Option<i32>,
+        /// Kind of worker the job needs (default: any).
+        #[arg(long, value_enum)]
+        device: Option<Device>,
+        /// Follow the job until it finishes; exit 0 only if it succeeds.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs, oldest first.
+    List {
+        /// Only jobs in this state (repeatable).
+        #[arg(long, value_enum)]
+        state: Vec<State>,
+    },
+    /// Show one job.
+    Status {
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job that has not finished.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Args)]
+pub struct CheckpointsArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    command: CheckpointsCommand,
+}
+
+#[derive(Subcommand)]
+enum CheckpointsCommand {
+    /// List a job's published checkpoints, ascending by step.
+    List {
+        #[arg(long)]
+        job: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum State {
+    Queued,
+    Starting,
+    Running,
+    Recovering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+pub fn run(args: JobArgs) -> anyhow::Result<()> {
+    block_on(&args.conn, |client| job(client, args.command))
+}
+
+pub fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<()> {
+    block_on(&args.conn, |client| match args.command {
+        CheckpointsCommand::List { job } => list_checkpoints(client, job),
+    })
+}
+
+/// Runs one command against the coordinator; any failure is one line on stderr and exit 1.
+fn block_on<F, Fut>(conn: &Connection, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(JobServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let client = connect(&conn.coordinator).await?;
+        f(client).await
+    });
+    if let Err(e) = result {
+        eprintln!("error: {}", one_line(&format!("{e:#}")));
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|_| anyhow!("`{url}` is not a coordinator URL (http://HOST:PORT)"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            // hyper repeats its message one level down.
+            let s_text = s.to_string();
+            if !why.ends_with(&s_text) {
+                why = format!("{why}: {s_text}");
+            }
+            source = s.source();
+        }
+        anyhow!("cannot reach the coordinator at {url}: {why}")
+    })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+/// The server's message is already worded for people (`invalid argument `x`: ...`).
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.message().is_empty() {
+        anyhow!("{}", s.code().description())
+    } else {
+        anyhow!("{}", s.message())
+    }
+}
+
+async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyhow::Result<()> {
+    match command {
+        JobCommand::Submit { file, name, priority, device, wait } => {
+            let toml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let device = match device {
+                None => pb::DeviceKind::Unspecified,
+                Some(Device::Cpu) => pb::DeviceKind::Cpu,
+                Some(Device::Cuda) => pb::DeviceKind::Cuda,
+            };
+            // Workers, kind and the rest come from the file; the coordinator reads them.
+            let spec = pb::JobSpec {
+                toml,
+                name: name.unwrap_or_default(),
+                priority: priority.unwrap_or(0),
+                device: device as i32,
+                ..Default::default()
+            };
+            let req = pb::SubmitJobRequest { spec: Some(spec) };
+            let job = client.submit_job(req).await.map_err(status_error)?;
+            let job = job.into_inner().job.context("the coordinator returned no job")?;
+            println!("{}", job.id);
+            if wait {
+                follow(client, job.id).await?;
+            }
+        }
+        JobCommand::List { state } => {
+            let states = state.into_iter().map(|s| proto_state(s) as i32).collect();
+            let resp = client.list_jobs(pb::ListJobsRequest { states }).await;
+            let jobs = resp.map_err(status_error)?.into_inner().jobs;
+            println!("{:<12} {:<11} {:>7}  {:<20} REASON", "ID", "STATE", "WORKERS", "NAME");
+            for j in jobs {
+                let spec = j.spec.clone().unwrap_or_default();
+                println!(
+                    "{:<12} {:<11} {:>7}  {:<20} {}",
+                    j.id,
+                    state_name(j.state),
+                    spec.workers,
+                    spec.name,
+                    j.reason
+                );
+            }
+        }
+        JobCommand::Status { id, json } => {
+            let req = pb::GetJobRequest { job_id: id };
+            let job = client.get_job(req).await.map_err(status_error)?.into_inner();
+            let job = job.job.context("the coordinator returned no job")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job_json(&job))?);
+            } else {
+                print_job(&job);
+            }
+        }
+        JobCommand::Cancel { id, reason } => {
+            let req = pb::CancelJobRequest { job_id: id, reason };
+            let job = client.cancel_job(req).await.map_err(status_error)?.into_inner();
+            let job = job.job.context("the coordinator returned no job")?;
+            println!("{} {}", job.id, state_name(job.state));
+        }
+    }
+    Ok(())
+}
+
+/// Prints each state change on stderr until the job ends; an error unless it succeeded.
+async fn follow(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {
+    let req = pb::WatchJobRequest { job_id: id.clone(), include_metrics: false };
+    let mut events = client.watch_job(req).await.map_err(status_error)?.into_inner();
+    let mut last: Option<(i32, String)> = None;
+    while let Some(msg) = events.next().await {
+        let (state, reason) = match msg.map_err(status_error)?.event {
+            Some(pb::watch_job_response::Event::Snapshot(j)) => (j.state, j.reason),
+            Some(pb::watch_job_response::Event::StateChange(c)) => (c.to, c.reason),
+            Some(_) | None => continue,
+        };
+        eprintln!("{id} {} {reason}", state_name(state));
+        last = Some((state, reason));
+    }
+    match last {
+        Some((s, _)) if s == pb::JobState::Succeeded as i32 => Ok(()),
+        Some((s, reason)) => Err(anyhow!("job {id} {}: {reason}", state_name(s))),
+        None => Err(anyhow!("the coordinator ended the watch of {id} without news")),
+    }
+}
+
+async fn list_checkpoints(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {
+    let req = pb::ListCheckpointsRequest { job_id: id };
+    let resp = client.list_checkpoints(req).await.map_err(status_error)?;
+    println!("{:>10}  {:>9}  PATH", "STEP", "VAL_LOSS");
+    for c in resp.into_inner().checkpoints {
+        let loss = c.val_loss.map_or("-".to_owned(), |l| format!("{l:.4}"));
+        println!("{:>10}  {:>9}  {}", c.step, loss, c.path);
+    }
+    Ok(())
+}
+
+fn print_job(j: &pb::Job) {
+    let spec = j.spec.clone().unwrap_or_default();
+    let workers = if j.workers.is_empty() { "-".to_owned() } else { j.workers.join(", ") };
+    println!("id:        {}", j.id);
+    println!("name:      {}", spec.name);
+    println!("state:     {}", state_name(j.state));
+    println!("reason:    {}", j.reason);
+    println!("kind:      {}", kind_name(spec.kind));
+    println!(
+        "workers:   {} (min {}), device {}, priority {}",
+        spec.workers,
+        spec.min_workers,
+        device_name(spec.device),
+        spec.priority
+    );
+    println!("attempt:   {}", j.attempt);
+    println!("assigned:  {workers}");
+    println!("history:");
+    for c in &j.history {
+        println!("  {:>14} -> {:<11} {}", state_name(c.from), state_name(c.to), c.reason);
+    }
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    let spec = j.spec.clone().unwrap_or_default();
+    let history: Vec<_> = j
+        .history
+        .iter()
+        .map(|c| {
+            let from = (c.from != 0).then(|| state_name(c.from));
+            json!({
+                "from": from,
+                "to": state_name(c.to),
+                "reason": c.reason,
+                "at_unix_ms": c.at_unix_ms,
+            })
+        })
+        .collect();
+    json!({
+        "id": j.id,
+        "name": spec.name,
+        "state": state_name(j.state),
+        "reason": j.reason,
+        "kind": kind_name(spec.kind),
+        "workers": spec.workers,
+        "min_workers": spec.min_workers,
+        "priority": spec.priority,
+        "device": device_name(spec.device),
+        "attempt": j.attempt,
+        "assigned_workers": j.workers,
+        "submitted_unix_ms": j.submitted_unix_ms,
+        "updated_unix_ms": j.updated_unix_ms,
+        "history": history,
+    })
+}
+
+/// `QUEUED`, `RUNNING`, ...; `-` for unspecified (the submission's `from`).
+fn state_name(state: i32) -> String {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Unspecified) => "-".to_owned(),
+        Ok(s) => s.as_str_name().trim_start_matches("JOB_STATE_").to_owned(),
+        Err(_) => format!("UNKNOWN({state})"),
+    }
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::JobKind::try_from(kind) {
+        Ok(pb::JobKind::Pretrain) => "pretrain",
+        Ok(pb::JobKind::Finetune) => "finetune",
+        Ok(pb::JobKind::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+fn device_name(device: i32) -> &'static str {
+    match pb::DeviceKind::try_from(device) {
+        Ok(pb::DeviceKind::Cpu) => "cpu",
+        Ok(pb::DeviceKind::Cuda) => "cuda",
+        Ok(pb::DeviceKind::Unspecified) => "any",
+        Err(_) => "unknown",
+    }
+}
+
+fn proto_state(s: State) -> pb::JobState {
+    match s {
+        State::Queued => pb::JobState::Queued,
+        State::Starting => pb::JobState::Starting,
+        State::Running => pb::JobState::Running,
+        State::Recovering => pb::JobState::Recovering,
+        State::Succeeded => pb::JobState::Succeeded,
+        State::Failed => pb::JobState::Failed,
+        State::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

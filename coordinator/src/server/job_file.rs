@@ -1,0 +1,205 @@
+//! The job file as the coordinator checks it at submission: parsed and validated by
+//! `ferrite-model`'s own rules (so `ferrite train` and the cluster agree on what can run),
+//! plus what only the coordinator can check: that `[data] dir` exists on its file system.
+//!
+//! Errors name the file's field as a dotted TOML path (`model.n_embd`, `train.max_stepz`).
+
+use std::fmt;
+use std::ops::Range;
+
+use ferrite_model::job::JobKind as FileKind;
+use ferrite_model::JobSpec as JobFile;
+
+use crate::job::{JobKind, MAX_WORKERS};
+
+/// A job-file field that cannot run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted TOML path (`model.n_embd`), or `spec.toml` when no field can be named.
+    pub field: String,
+    /// One line.
+    pub reason: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError { field: field.into(), reason: one_line(&reason.into()) }
+    }
+}
+
+// Same shape as `crate::Error::InvalidArgument`, so clients see one format.
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid argument `{}`: {}", self.field, self.reason)
+    }
+}
+
+/// What the control plane takes from a valid job file; the rest is the workers' business.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobFileSummary {
+    pub name: Option<String>,
+    pub kind: JobKind,
+    pub workers: u32,
+    pub min_workers: u32,
+    pub priority: i32,
+}
+
+/// Parses and validates a job file. Relative paths resolve against the coordinator's
+/// working directory, as they would for `ferrite train` started there.
+pub fn check(text: &str) -> Result<JobFileSummary, FieldError> {
+    let file = JobFile::parse(text).map_err(|e| parse_error(text, &e.to_string()))?;
+    file.validate().map_err(|e| validate_error(&e))?;
+    let dir = &file.data.dir;
+    if !dir.is_dir() {
+        let why = format!("`{}` is not a directory on the coordinator", dir.display());
+        return Err(FieldError::new("data.dir", why));
+    }
+    let count = |field: &str, n: usize| match u32::try_from(n) {
+        Ok(n) if n <= MAX_WORKERS => Ok(n),
+        _ => Err(FieldError::new(field, format!("{n}; at most {MAX_WORKERS}"))),
+    };
+    Ok(JobFileSummary {
+        name: file.name.clone(),
+        kind: match file.kind {
+            FileKind::Pretrain => JobKind::Pretrain,
+            FileKind::Finetune => JobKind::Finetune,
+        },
+        workers: count("cluster.workers", file.cluster.workers)?,
+        min_workers: count("cluster.min_workers", file.cluster.min_workers)?,
+        priority: file.cluster.priority,
+    })
+}
+
+/// `ferrite-model` reports validation as `"<field>: <why>"`.
+fn validate_error(e: &ferrite_model::ModelError) -> FieldError {
+    match e {
+        ferrite_model::ModelError::Job(msg) => match msg.split_once(": ") {
+            Some((field, why)) if is_dotted_path(field) => FieldError::new(field, why),
+            _ => FieldError::new("spec.toml", msg.as_str()),
+        },
+        other => FieldError::new("spec.toml", other.to_string()),
+    }
+}
+
+/// Re-reads the file with `toml` itself to learn where the error is, since the model's
+/// error carries only text; the location names the field.
+fn parse_error(text: &str, fallback: &str) -> FieldError {
+    let err = match toml::from_str::<JobFile>(text) {
+        Err(err) => err,
+        Ok(_) => return FieldError::new("spec.toml", fallback),
+    };
+    let msg = one_line(err.message());
+    let Some(span) = err.span() else {
+        return FieldError::new("spec.toml", msg);
+    };
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let field = field_at(text, span, &msg).unwrap_or_else(|| "spec.toml".to_owned());
+    FieldError::new(field, format!("{msg} (line {line})"))
+}
+
+/// The dotted path of the key an error points at: the enclosing `[table]` plus the key under
+/// the span, or the field a "missing field `x`" message names.
+fn field_at(text: &str, span: Range<usize>, msg: &str) -> Option<String> {
+    let start = span.start.min(text.len());
+    let end = span.end.clamp(start, text.len());
+    let at = text.get(start..end)?.trim();
+    // An error on a `[table]` header (e.g. a missing field in it) is about that table.
+    let header = at.strip_prefix('[').and_then(|h| h.split(']').next());
+    let table = match header {
+        Some(h) => Some(h.trim().to_owned()),
+        None => enclosing_table(&text[..start]),
+    };
+    let key = if let Some(missing) = quoted_after(msg, "missing field `") {
+        Some(missing)
+    } else if header.is_none() && is_bare_key(at) {
+        Some(at.to_owned())
+    } else {
+        // A bad value: the key is left of the `=` on the value's line.
+        let line = &text[text[..start].rfind('\n').map_or(0, |i| i + 1)..start];
+        let key = line.split_once('=').map(|(k, _)| k.trim());
+        key.filter(|k| is_dotted_path(k)).map(str::to_owned)
+    };
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (Some(t), None) => Some(t),
+        (None, Some(k)) => Some(k),
+        (None, None) => None,
+    }
+}
+
+/// Name of the last `[table]` header in `before`.
+fn enclosing_table(before: &str) -> Option<String> {
+    before.lines().rev().find_map(|line| {
+        let line = line.trim();
+        let inner = line.strip_prefix('[')?.trim_start_matches('[');
+        let name = inner.split(']').next()?.trim();
+        is_dotted_path(name).then(|| name.to_owned())
+    })
+}
+
+fn quoted_after(msg: &str, prefix: &str) -> Option<String> {
+    let rest = &msg[msg.find(prefix)? + prefix.len()..];
+    Some(rest[..rest.find('`')?].to_owned())
+}
+
+fn is_bare_key(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_dotted_path(s: &str) -> bool {
+    !s.is_empty() && s.split('.').all(is_bare_key)
+}
+
+/// Messages travel in a status line: no line breaks.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(data_dir: &str) -> String {
+        format!(
+            "[model]\nn_layer = 2\nn_head = 4\nn_embd = 128\nblock_size = 64\n\
+             [data]\ndir = {data_dir:?}\n[train]\nmax_steps = 10\n\
+             [output]\ndir = \"out/x\"\n[cluster]\nworkers = 2\npriority = 3\n"
+        )
+    }
+
+    fn field(text: &str) -> String {
+        check(text).expect_err("should be rejected").field
+    }
+
+    #[test]
+    fn valid_file_gives_the_cluster_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = check(&job(dir.path().to_str().unwrap())).unwrap();
+        assert_eq!((summary.workers, summary.min_workers), (2, 1));
+        assert_eq!((summary.kind, summary.priority), (JobKind::Pretrain, 3));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = job(dir.path().to_str().unwrap());
+        assert_eq!(field(&ok.replace("max_steps", "max_stepz")), "train.max_stepz");
+        assert_eq!(field(&ok.replace("n_embd = 128", "n_embd = 130")), "model.n_embd");
+        assert_eq!(field(&ok.replace("workers = 2", "workers = 0")), "cluster.workers");
+        assert_eq!(field(&job("/definitely/not/here")), "data.dir");
+        assert_eq!(field(&ok.replace("n_layer = 2\n", "")), "model.n_layer");
+        assert_eq!(field(&ok.replace("n_head = 4", "n_head = \"x\"")), "model.n_head");
+        let err = check(&ok.replace("n_embd = 128", "n_embd = 130")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid argument `model.n_embd`: 130 is not a positive multiple of n_head = 4"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        let err = check("[model\nn_layer = 2\n").unwrap_err();
+        assert!(!err.reason.contains('\n'), "{err}");
+        assert!(err.reason.contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! The coordinator's gRPC server: `ferrite.v1.JobService` for operators, plus the standard
+//! health service (`grpc.health.v1.Health`) and server reflection on the same port.
+//!
+//! [`run`] takes a bound listener, so callers (and tests) bind `127.0.0.1:0` and know the
+//! address before a single request is served.
+//!
+//! Layout:
+//! - [`job_service`] — the `JobService` handlers over [`JobRegistry`] and
+//!   [`CheckpointRegistry`].
+//! - [`job_file`] — the job file's checks at submission, naming the failing TOML field.
+//! - [`StoreSpec`] — `embedded:PATH` / `etcd:URL,...`, as given on the command line.
+
+pub mod job_file;
+pub mod job_service;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use ferrite_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::{Error, Result};
+use crate::{CheckpointRegistry, EmbeddedStore, EtcdStore, JobRegistry, Store};
+
+use job_service::JobApi;
+
+/// What the server serves from.
+#[derive(Clone)]
+pub struct Deps {
+    pub jobs: JobRegistry,
+    pub checkpoints: CheckpointRegistry,
+}
+
+impl Deps {
+    /// Registries over one store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Deps { jobs: JobRegistry::new(store.clone()), checkpoints: CheckpointRegistry::new(store) }
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting, ends open `WatchJob` streams and
+/// returns once in-flight requests have been answered.
+pub async fn run(
+    listener: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (stopping_tx, stopping) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    type JobServer = pb::job_service_server::JobServiceServer<JobApi>;
+    health.set_serving::<JobServer>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    let api = JobServer::new(JobApi::new(deps, stopping));
+    let signal = async move {
+        shutdown.await;
+        health.set_not_serving::<JobServer>().await;
+        // Streams see this and end, so the graceful shutdown below does not wait on them.
+        let _ = stopping_tx.send(true);
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await
+        .map_err(|e| Error::Internal(format!("grpc server: {e}")))
+}
+
+/// Where the coordinator keeps its state: `embedded:PATH` (a redb file, created if absent)
+/// or `etcd:http://HOST:PORT[,http://HOST:PORT...]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    Embedded(PathBuf),
+    Etcd(Vec<String>),
+}
+
+impl StoreSpec {
+    /// Opens (or connects to) the store.
+    pub async fn open(&self) -> Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
+            StoreSpec::Etcd(endpoints) => {
+                Arc::new(EtcdStore::connect(endpoints, EtcdStore::DEFAULT_NAMESPACE).await?)
+            }
+        })
+    }
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some(path) = s.strip_prefix("embedded:") {
+            if path.is_empty() {
+                return Err("`embedded:` needs a file path".into());
+            }
+            return Ok(StoreSpec::Embedded(PathBuf::from(path)));
+        }
+        if let Some(urls) = s.strip_prefix("etcd:") {
+            let endpoints: Vec<String> = urls.split(',').map(str::to_owned).collect();
+            if let Some(bad) = endpoints.iter().find(|u| !is_http_url(u)) {
+                return Err(format!("`{bad}` is not an etcd endpoint (http://HOST:PORT)"));
+            }
+            return Ok(StoreSpec::Etcd(endpoints));
+        }
+        Err(format!("`{s}`: expected embedded:PATH or etcd:http://HOST:PORT"))
+    }
+}
+
+fn is_http_url(u: &str) -> bool {
+    let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+    rest.is_some_and(|hp| {
+        hp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_specs_parse() {
+        assert_eq!("embedded:/tmp/a.redb".parse(), Ok(StoreSpec::Embedded("/tmp/a.redb".into())));
+        assert_eq!(
+            "etcd:http://127.0.0.1:2379,http://h:1".parse(),
+            Ok(StoreSpec::Etcd(vec!["http://127.0.0.1:2379".into(), "http://h:1".into()]))
+        );
+        for bad in ["", "embedded:", "etcd:", "etcd:127.0.0.1:2379", "redis:x", "etcd:http://h"] {
+            assert!(bad.parse::<StoreSpec>().is_err(), "{bad:?} accepted");
+        }
+    }
+}
