@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [
         "proto/ferrite/v1/job.proto",
+        "proto/ferrite/v1/inference.proto",
         "proto/ferrite/v1/worker.proto",
     ];
     tonic_prost_build::configure()

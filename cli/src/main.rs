@@ -15,8 +15,10 @@ struct Cli {
 enum Command {
     /// Train a model in this process from a job file.
     Train(cmd::train::TrainArgs),
-    /// Sample text from a checkpoint in this process.
+    /// Sample text from a checkpoint in this process, or from a server (--server).
     Generate(cmd::generate::GenerateArgs),
+    /// Serve generations over gRPC (and OpenAI-compatible HTTP) from a checkpoint.
+    Serve(cmd::serve::ServeArgs),
     /// Print the token ids of a text.
     Tokenize(cmd::data::TokenizeArgs),
     /// Print the text of token ids.
@@ -29,6 +31,8 @@ enum Command {
     Bench(cmd::bench::BenchCommand),
     /// Run the coordinator: the cluster's job API and scheduler state.
     Coordinator(cmd::coordinator::CoordinatorArgs),
+    /// Run a worker: join a coordinator and train the ranks it assigns.
+    Worker(cmd::worker::WorkerArgs),
     /// Submit, list, inspect and cancel jobs on a coordinator.
     Job(cmd::job::JobArgs),
     /// Published checkpoints on a coordinator.
@@ -46,11 +50,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Tokenize(args) => cmd::data::tokenize(args),
         Command::Detokenize(args) => cmd::data::detokenize(args),
         Command::Data(DataCommand::Prepare(args)) => cmd::data::prepare(args),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Coordinator(args) => cmd::coordinator::run(args),
+        Command::Worker(args) => cmd::worker::run(args),
         Command::Job(args) => cmd::job::run(args),
         Command::Checkpoints(args) => cmd::job::checkpoints(args),
     }

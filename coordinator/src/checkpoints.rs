@@ -29,10 +29,7 @@ impl CheckpointRegistry {
     pub async fn record(&self, mut ckpt: Checkpoint) -> Result<Checkpoint> {
         validate(&ckpt)?;
         if self.store.get(&keys::job(&ckpt.job_id)).await?.is_none() {
-            return Err(Error::NotFound {
-                kind: "job",
-                id: ckpt.job_id.to_string(),
-            });
+            return Err(Error::NotFound { kind: "job", id: ckpt.job_id.to_string() });
         }
         if ckpt.created_unix_ms == 0 {
             ckpt.created_unix_ms = now_unix_ms();
@@ -50,22 +47,13 @@ impl CheckpointRegistry {
             return Ok(existing);
         }
         let id = format!("{} step {}", ckpt.job_id, ckpt.step);
-        Err(Error::AlreadyExists {
-            kind: "checkpoint",
-            id,
-        })
+        Err(Error::AlreadyExists { kind: "checkpoint", id })
     }
 
     /// The job's checkpoints, ascending by step. Empty if it has none.
     pub async fn list(&self, job: &JobId) -> Result<Vec<Checkpoint>> {
-        let entries = self
-            .store
-            .list_json::<Checkpoint>(&keys::checkpoints(job))
-            .await?;
-        entries
-            .into_iter()
-            .map(|(key, ckpt, _)| checked(&key, job, ckpt))
-            .collect()
+        let entries = self.store.list_json::<Checkpoint>(&keys::checkpoints(job)).await?;
+        entries.into_iter().map(|(key, ckpt, _)| checked(&key, job, ckpt)).collect()
     }
 
     /// The job's checkpoint with the highest step.
@@ -80,17 +68,11 @@ fn validate(ckpt: &Checkpoint) -> Result<()> {
         return Err(Error::invalid("checkpoint.path", "empty"));
     }
     if ckpt.path.len() > MAX_PATH_BYTES || ckpt.path.contains('\0') {
-        return Err(Error::invalid(
-            "checkpoint.path",
-            "too long or contains NUL",
-        ));
+        return Err(Error::invalid("checkpoint.path", "too long or contains NUL"));
     }
     if let Some(loss) = ckpt.val_loss {
         if !loss.is_finite() {
-            return Err(Error::invalid(
-                "checkpoint.val_loss",
-                format!("{loss} is not finite"),
-            ));
+            return Err(Error::invalid("checkpoint.val_loss", format!("{loss} is not finite")));
         }
     }
     Ok(())
@@ -122,6 +104,7 @@ mod tests {
             min_workers: 1,
             priority: 0,
             device: None,
+            max_restarts: 5,
         };
         let job = JobRegistry::new(store.clone()).submit(spec).await.unwrap();
         (dir, store, job.id)
@@ -145,13 +128,7 @@ mod tests {
         for step in [100, 2000, 300] {
             reg.record(ckpt(&job, step, 1.0)).await.unwrap();
         }
-        let steps: Vec<u64> = reg
-            .list(&job)
-            .await
-            .unwrap()
-            .iter()
-            .map(|c| c.step)
-            .collect();
+        let steps: Vec<u64> = reg.list(&job).await.unwrap().iter().map(|c| c.step).collect();
         assert_eq!(steps, [100, 300, 2000]);
         let latest = reg.latest(&job).await.unwrap().unwrap();
         assert_eq!(latest.step, 2000);
@@ -166,16 +143,7 @@ mod tests {
         let first = reg.record(ckpt(&job, 10, 2.5)).await.unwrap();
         assert_eq!(reg.record(ckpt(&job, 10, 2.5)).await.unwrap(), first);
         let err = reg.record(ckpt(&job, 10, 2.4)).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::AlreadyExists {
-                    kind: "checkpoint",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, Error::AlreadyExists { kind: "checkpoint", .. }), "{err}");
     }
 
     #[tokio::test]
@@ -186,23 +154,11 @@ mod tests {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
-        let no_path = Checkpoint {
-            path: " ".into(),
-            ..ckpt(&job, 1, 1.0)
-        };
+        let no_path = Checkpoint { path: " ".into(), ..ckpt(&job, 1, 1.0) };
         assert_eq!(field(reg.record(no_path).await), "checkpoint.path");
-        assert_eq!(
-            field(reg.record(ckpt(&job, 1, f32::NAN)).await),
-            "checkpoint.val_loss"
-        );
-        let unknown = reg
-            .record(ckpt(&JobId::from_seq(77), 1, 1.0))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(unknown, Error::NotFound { kind: "job", .. }),
-            "{unknown}"
-        );
+        assert_eq!(field(reg.record(ckpt(&job, 1, f32::NAN)).await), "checkpoint.val_loss");
+        let unknown = reg.record(ckpt(&JobId::from_seq(77), 1, 1.0)).await.unwrap_err();
+        assert!(matches!(unknown, Error::NotFound { kind: "job", .. }), "{unknown}");
     }
 
     #[tokio::test]
@@ -210,15 +166,9 @@ mod tests {
         let (_dir, store, job) = setup().await;
         let reg = CheckpointRegistry::new(store.clone());
         let wrong = ckpt(&job, 5, 1.0);
-        store
-            .put_json(&keys::checkpoint(&job, 6), &wrong)
-            .await
-            .unwrap();
+        store.put_json(&keys::checkpoint(&job, 6), &wrong).await.unwrap();
         assert!(matches!(reg.list(&job).await, Err(Error::Corrupt { .. })));
-        store
-            .put(&keys::checkpoint(&job, 6), b"{not json".to_vec())
-            .await
-            .unwrap();
+        store.put(&keys::checkpoint(&job, 6), b"{not json".to_vec()).await.unwrap();
         assert!(matches!(reg.latest(&job).await, Err(Error::Corrupt { .. })));
     }
 }

@@ -21,11 +21,7 @@ pub enum Error {
     AlreadyExists { kind: &'static str, id: String },
     /// The job's state machine has no edge `from -> to`.
     #[error("job {job}: illegal transition {from} -> {to}")]
-    IllegalTransition {
-        job: JobId,
-        from: JobState,
-        to: JobState,
-    },
+    IllegalTransition { job: JobId, from: JobState, to: JobState },
 
     // --- Concurrency and time. ---
     /// Compare-and-swap lost the race this many times in a row.
@@ -81,17 +77,11 @@ impl Error {
     }
 
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { field, reason: reason.into() }
     }
 
     pub(crate) fn corrupt(key: &str, reason: impl std::fmt::Display) -> Self {
-        Error::Corrupt {
-            key: key.to_owned(),
-            reason: reason.to_string(),
-        }
+        Error::Corrupt { key: key.to_owned(), reason: reason.to_string() }
     }
 }
 
@@ -110,10 +100,7 @@ fn etcd_is_retryable(e: &etcd_client::Error) -> bool {
 
 fn io_is_retryable(e: &std::io::Error) -> bool {
     use std::io::ErrorKind;
-    matches!(
-        e.kind(),
-        ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock
-    )
+    matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock)
 }
 
 // redb reports through several error types; all of them fold into `redb::Error`.

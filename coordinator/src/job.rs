@@ -27,10 +27,7 @@ impl JobId {
     pub fn parse(s: &str) -> Result<Self> {
         let digits = s.strip_prefix("job-").unwrap_or("");
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 20 {
-            return Err(Error::invalid(
-                "job_id",
-                format!("`{s}` is not a job id (job-NNNNNN)"),
-            ));
+            return Err(Error::invalid("job_id", format!("`{s}` is not a job id (job-NNNNNN)")));
         }
         Ok(JobId(s.to_owned()))
     }
@@ -107,6 +104,16 @@ pub struct JobSpec {
     pub priority: i32,
     /// Device kind required; `None` takes any (one kind per job).
     pub device: Option<DeviceKind>,
+    /// Restarts after failures before the job fails for good.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+}
+
+/// Restarts allowed when the job file does not say (`[cluster] max_restarts`).
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+fn default_max_restarts() -> u32 {
+    DEFAULT_MAX_RESTARTS
 }
 
 impl JobSpec {
@@ -122,10 +129,7 @@ impl JobSpec {
             ));
         }
         if self.name.chars().count() > MAX_NAME_CHARS {
-            return Err(Error::invalid(
-                "spec.name",
-                format!("longer than {MAX_NAME_CHARS}"),
-            ));
+            return Err(Error::invalid("spec.name", format!("longer than {MAX_NAME_CHARS}")));
         }
         if self.workers == 0 || self.workers > MAX_WORKERS {
             return Err(Error::invalid(
@@ -292,10 +296,7 @@ mod tests {
     #[test]
     fn terminal_states_have_no_exits_and_nothing_skips_starting() {
         for from in ALL.into_iter().filter(|s| s.is_terminal()) {
-            assert!(
-                ALL.iter().all(|&to| !from.can_become(to)),
-                "{from} has an exit"
-            );
+            assert!(ALL.iter().all(|&to| !from.can_become(to)), "{from} has an exit");
         }
         for to in [JobState::Running, JobState::Succeeded, JobState::Failed] {
             assert!(!JobState::Queued.can_become(to), "queued -> {to}");
@@ -313,6 +314,7 @@ mod tests {
             min_workers: 0,
             priority: 0,
             device: None,
+            max_restarts: DEFAULT_MAX_RESTARTS,
         }
     }
 
@@ -323,35 +325,11 @@ mod tests {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
-        assert_eq!(
-            field(JobSpec {
-                workers: 0,
-                ..spec()
-            }),
-            "spec.workers"
-        );
-        assert_eq!(
-            field(JobSpec {
-                min_workers: 5,
-                ..spec()
-            }),
-            "spec.min_workers"
-        );
-        assert_eq!(
-            field(JobSpec {
-                toml: " \n".into(),
-                ..spec()
-            }),
-            "spec.toml"
-        );
+        assert_eq!(field(JobSpec { workers: 0, ..spec() }), "spec.workers");
+        assert_eq!(field(JobSpec { min_workers: 5, ..spec() }), "spec.min_workers");
+        assert_eq!(field(JobSpec { toml: " \n".into(), ..spec() }), "spec.toml");
         let huge = "#".repeat(MAX_JOB_TOML_BYTES + 1);
-        assert_eq!(
-            field(JobSpec {
-                toml: huge,
-                ..spec()
-            }),
-            "spec.toml"
-        );
+        assert_eq!(field(JobSpec { toml: huge, ..spec() }), "spec.toml");
     }
 
     #[test]

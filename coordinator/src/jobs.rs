@@ -57,17 +57,12 @@ impl JobRegistry {
                 at_unix_ms: now,
             }],
         };
-        match self
-            .store
-            .cas_json(&keys::job(&id), Expect::Absent, &job)
-            .await?
-        {
+        match self.store.cas_json(&keys::job(&id), Expect::Absent, &job).await? {
             CasOutcome::Swapped(_) => Ok(job),
             // The sequence is unique, so only a hand-edited store gets here.
-            CasOutcome::Conflict { .. } => Err(Error::AlreadyExists {
-                kind: "job",
-                id: id.to_string(),
-            }),
+            CasOutcome::Conflict { .. } => {
+                Err(Error::AlreadyExists { kind: "job", id: id.to_string() })
+            }
         }
     }
 
@@ -104,10 +99,7 @@ impl JobRegistry {
     /// Moves a pending job to Starting on `workers` (index = rank) as a new attempt.
     pub async fn start(&self, id: &JobId, workers: Vec<WorkerId>, reason: &str) -> Result<Job> {
         if workers.is_empty() {
-            return Err(Error::invalid(
-                "workers",
-                "a job starts on at least one worker",
-            ));
+            return Err(Error::invalid("workers", "a job starts on at least one worker"));
         }
         let mut seen = HashSet::new();
         if let Some(dup) = workers.iter().find(|w| !seen.insert(*w)) {
@@ -115,11 +107,7 @@ impl JobRegistry {
         }
         self.update(id, |job, now| {
             if workers.len() > job.spec.workers as usize {
-                let why = format!(
-                    "{} workers; the job wants {}",
-                    workers.len(),
-                    job.spec.workers
-                );
+                let why = format!("{} workers; the job wants {}", workers.len(), job.spec.workers);
                 return Err(Error::invalid("workers", why));
             }
             apply(job, JobState::Starting, reason, now)?;
@@ -152,19 +140,7 @@ impl JobRegistry {
     /// Jobs waiting for workers, as the scheduler sees them.
     pub async fn pending(&self) -> Result<Vec<PendingJob>> {
         let jobs = self.list().await?;
-        Ok(jobs
-            .into_iter()
-            .filter(|j| j.state.is_pending())
-            .map(|j| PendingJob {
-                resuming: j.state == JobState::Recovering,
-                priority: j.spec.priority,
-                submit_seq: j.seq,
-                workers: j.spec.workers,
-                min_workers: j.spec.min_workers,
-                device: j.spec.device,
-                id: j.id,
-            })
-            .collect())
+        Ok(jobs.iter().filter(|j| j.state.is_pending()).map(pending_view).collect())
     }
 
     /// The job's record after each change from now on. Subscribe before reading the
@@ -185,10 +161,7 @@ impl JobRegistry {
     async fn get_versioned(&self, id: &JobId) -> Result<(Job, u64)> {
         let key = keys::job(id);
         match self.store.get_json::<Job>(&key).await? {
-            None => Err(Error::NotFound {
-                kind: "job",
-                id: id.to_string(),
-            }),
+            None => Err(Error::NotFound { kind: "job", id: id.to_string() }),
             Some((job, rev)) => Ok((checked(&key, job)?, rev)),
         }
     }
@@ -206,37 +179,35 @@ impl JobRegistry {
             if !f(&mut job, now_unix_ms())? {
                 return Ok(job);
             }
-            match self
-                .store
-                .cas_json(&key, Expect::Revision(rev), &job)
-                .await?
-            {
+            match self.store.cas_json(&key, Expect::Revision(rev), &job).await? {
                 CasOutcome::Swapped(_) => return Ok(job),
                 CasOutcome::Conflict { .. } => continue,
             }
         }
-        Err(Error::Contended {
-            key,
-            attempts: MAX_CAS_ATTEMPTS,
-        })
+        Err(Error::Contended { key, attempts: MAX_CAS_ATTEMPTS })
+    }
+}
+
+/// A pending job as the scheduler sees it.
+pub(crate) fn pending_view(j: &Job) -> PendingJob {
+    PendingJob {
+        resuming: j.state == JobState::Recovering,
+        priority: j.spec.priority,
+        submit_seq: j.seq,
+        workers: j.spec.workers,
+        min_workers: j.spec.min_workers,
+        device: j.spec.device,
+        id: j.id.clone(),
     }
 }
 
 /// Applies a legal state change and records it.
 fn apply(job: &mut Job, to: JobState, reason: &str, now: i64) -> Result<()> {
     if !job.state.can_become(to) {
-        return Err(Error::IllegalTransition {
-            job: job.id.clone(),
-            from: job.state,
-            to,
-        });
+        return Err(Error::IllegalTransition { job: job.id.clone(), from: job.state, to });
     }
-    let change = StateChange {
-        from: Some(job.state),
-        to,
-        reason: reason.to_owned(),
-        at_unix_ms: now,
-    };
+    let change =
+        StateChange { from: Some(job.state), to, reason: reason.to_owned(), at_unix_ms: now };
     job.history.push(change);
     job.state = to;
     job.reason = reason.to_owned();

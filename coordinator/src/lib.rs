@@ -18,11 +18,14 @@
 //! - [`jobs`] — the job registry over a store: submit, transitions, assignments.
 //! - [`checkpoints`] — the checkpoint registry: record, list, newest.
 //! - [`members`] — worker membership held by store leases.
+//! - [`control`] — the control loop: worker sessions, scheduling passes, failure handling,
+//!   job events; domain messages to and from workers.
 //! - [`rpc`] — the edge to `ferrite.v1`: conversions and the error -> `Status` mapping.
-//! - [`server`] — the gRPC server: `JobService`, health and reflection, `run(listener, deps,
-//!   shutdown)`; the worker-facing `WorkerService` is not written yet.
+//! - [`server`] — the gRPC server: `JobService` for operators, `WorkerService` for workers,
+//!   health and reflection, `run(listener, deps, shutdown)`.
 
 pub mod checkpoints;
+pub mod control;
 pub mod error;
 pub mod job;
 pub mod jobs;
@@ -34,6 +37,7 @@ pub mod server;
 pub mod store;
 
 pub use checkpoints::CheckpointRegistry;
+pub use control::Controller;
 pub use error::{Error, Result};
 pub use job::WorkerId;
 pub use job::{Checkpoint, DeviceKind, Job, JobId, JobKind, JobSpec, JobState, StateChange};

@@ -74,16 +74,9 @@ impl WorkerRegistry {
         let seq = increment(self.store.as_ref(), keys::WORKER_SEQ).await?;
         let id = WorkerId::new(format!("w-{seq:06}"));
         let lease = self.store.grant_lease(self.ttl).await?;
-        let info = WorkerInfo {
-            id,
-            capabilities,
-            lease,
-            registered_unix_ms: now_unix_ms(),
-        };
+        let info = WorkerInfo { id, capabilities, lease, registered_unix_ms: now_unix_ms() };
         let bytes = serde_json::to_vec(&info).map_err(|e| Error::Internal(e.to_string()))?;
-        self.store
-            .put_with_lease(&keys::worker(&info.id), bytes, lease)
-            .await?;
+        self.store.put_with_lease(&keys::worker(&info.id), bytes, lease).await?;
         Ok(info)
     }
 
@@ -98,13 +91,19 @@ impl WorkerRegistry {
         self.store.revoke_lease(worker.lease).await
     }
 
+    /// A live worker. [`Error::NotFound`] once it left or its lease expired.
+    pub async fn get(&self, id: &WorkerId) -> Result<WorkerInfo> {
+        let key = keys::worker(id);
+        match self.store.get_json::<WorkerInfo>(&key).await? {
+            Some((info, _)) => checked(&key, info),
+            None => Err(Error::NotFound { kind: "worker", id: id.to_string() }),
+        }
+    }
+
     /// Live workers, by id.
     pub async fn list(&self) -> Result<Vec<WorkerInfo>> {
         let entries = self.store.list_json::<WorkerInfo>(keys::WORKERS).await?;
-        entries
-            .into_iter()
-            .map(|(key, info, _)| checked(&key, info))
-            .collect()
+        entries.into_iter().map(|(key, info, _)| checked(&key, info)).collect()
     }
 
     /// Membership changes from now on.
@@ -128,15 +127,9 @@ fn validate(c: &WorkerCapabilities) -> Result<()> {
         return Err(Error::invalid("capabilities.threads", "must be at least 1"));
     }
     if c.device == DeviceKind::Cuda && c.device_count == 0 {
-        return Err(Error::invalid(
-            "capabilities.device_count",
-            "a CUDA worker needs a device",
-        ));
+        return Err(Error::invalid("capabilities.device_count", "a CUDA worker needs a device"));
     }
-    let port = c
-        .collective_addr
-        .rsplit_once(':')
-        .map(|(host, port)| (host, port.parse::<u16>()));
+    let port = c.collective_addr.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
     match port {
         Some((host, Ok(p))) if !host.is_empty() && p != 0 => Ok(()),
         _ => Err(Error::invalid(
@@ -183,18 +176,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             reg.heartbeat(&chatty).await.unwrap();
         }
-        let live: Vec<WorkerId> = reg
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|w| w.id)
-            .collect();
+        let live: Vec<WorkerId> = reg.list().await.unwrap().into_iter().map(|w| w.id).collect();
         assert_eq!(live, std::slice::from_ref(&chatty.id));
-        assert!(matches!(
-            reg.heartbeat(&quiet).await,
-            Err(Error::LeaseExpired(_))
-        ));
+        assert!(matches!(reg.heartbeat(&quiet).await, Err(Error::LeaseExpired(_))));
         let mut seen = Vec::new();
         while seen.len() < 3 {
             let next = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
@@ -220,13 +204,7 @@ mod tests {
                 other => panic!("{addr:?}: expected InvalidArgument, got {other:?}"),
             }
         }
-        let zero = WorkerCapabilities {
-            threads: 0,
-            ..caps("h:1")
-        };
-        assert!(matches!(
-            reg.register(zero).await,
-            Err(Error::InvalidArgument { .. })
-        ));
+        let zero = WorkerCapabilities { threads: 0, ..caps("h:1") };
+        assert!(matches!(reg.register(zero).await, Err(Error::InvalidArgument { .. })));
     }
 }

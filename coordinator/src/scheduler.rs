@@ -83,35 +83,23 @@ pub fn schedule(view: &ClusterView) -> Vec<Action> {
     let mut pool = FreePool::new(&view.free_workers);
     let mut queue: Vec<&PendingJob> = view.pending.iter().collect();
     queue.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.submit_seq.cmp(&b.submit_seq))
-            .then(a.id.cmp(&b.id))
+        b.priority.cmp(&a.priority).then(a.submit_seq.cmp(&b.submit_seq)).then(a.id.cmp(&b.id))
     });
     let mut blocked_by: Option<&JobId> = None;
     let mut actions = Vec::with_capacity(queue.len());
     for job in queue {
         if let Some(head) = blocked_by {
             let reason = format!("queued behind {head}, which does not fit yet");
-            actions.push(Action::Wait {
-                job: job.id.clone(),
-                reason,
-            });
+            actions.push(Action::Wait { job: job.id.clone(), reason });
             continue;
         }
         match place(job, &mut pool) {
-            Ok(workers) => actions.push(Action::Start {
-                job: job.id.clone(),
-                workers,
-            }),
+            Ok(workers) => actions.push(Action::Start { job: job.id.clone(), workers }),
             Err(reason) => {
                 if view.strategy == QueueingStrategy::StrictFifo {
                     blocked_by = Some(&job.id);
                 }
-                actions.push(Action::Wait {
-                    job: job.id.clone(),
-                    reason,
-                });
+                actions.push(Action::Wait { job: job.id.clone(), reason });
             }
         }
     }
@@ -123,11 +111,7 @@ fn place(job: &PendingJob, pool: &mut FreePool) -> Result<Vec<WorkerId>, String>
     if job.workers == 0 {
         return Err("the job asks for 0 workers".into());
     }
-    let need = if job.resuming {
-        job.min_workers.clamp(1, job.workers)
-    } else {
-        job.workers
-    };
+    let need = if job.resuming { job.min_workers.clamp(1, job.workers) } else { job.workers };
     let kinds: &[DeviceKind] = match &job.device {
         Some(kind) => std::slice::from_ref(kind),
         None => &[DeviceKind::Cuda, DeviceKind::Cpu],
@@ -138,14 +122,8 @@ fn place(job: &PendingJob, pool: &mut FreePool) -> Result<Vec<WorkerId>, String>
         }
     }
     let kind = job.device.map_or("".to_owned(), |k| format!("{k} "));
-    let free: Vec<String> = kinds
-        .iter()
-        .map(|&k| format!("{} {k}", pool.free(k)))
-        .collect();
-    Err(format!(
-        "needs {need} {kind}workers; free: {}",
-        free.join(", ")
-    ))
+    let free: Vec<String> = kinds.iter().map(|&k| format!("{} {k}", pool.free(k))).collect();
+    Err(format!("needs {need} {kind}workers; free: {}", free.join(", ")))
 }
 
 /// Free workers by device kind, best first (most threads, then id).

@@ -20,21 +20,14 @@ pub struct Fixture {
 async fn embedded() -> Option<Fixture> {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path().join("store.redb")).unwrap();
-    Some(Fixture {
-        store: Arc::new(store),
-        _keep: Box::new(dir),
-    })
+    Some(Fixture { store: Arc::new(store), _keep: Box::new(dir) })
 }
 
 async fn etcd() -> Option<Fixture> {
     let process = common::etcd::EtcdProcess::start().await?;
-    let store = EtcdStore::connect(std::slice::from_ref(&process.endpoint), "/test/")
-        .await
-        .unwrap();
-    Some(Fixture {
-        store: Arc::new(store),
-        _keep: Box::new(process),
-    })
+    let store =
+        EtcdStore::connect(std::slice::from_ref(&process.endpoint), "/test/").await.unwrap();
+    Some(Fixture { store: Arc::new(store), _keep: Box::new(process) })
 }
 
 /// Every case, as `#[tokio::test]`s that open a fresh store with `$open`.
@@ -75,9 +68,7 @@ mod etcd_store {
 
 async fn next_event(watch: &mut WatchStream) -> WatchEvent {
     let next = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
-    next.expect("a watch event within 10 s")
-        .expect("watch stream open")
-        .expect("event")
+    next.expect("a watch event within 10 s").expect("watch stream open").expect("event")
 }
 
 mod cases {
@@ -107,53 +98,22 @@ mod cases {
     }
 
     pub async fn list_matches_prefix_exactly_in_key_order(s: &dyn Store) {
-        for key in [
-            "jobs/b",
-            "jobs/a",
-            "jobs/a/x",
-            "jobsx",
-            "job",
-            "other/jobs/a",
-        ] {
+        for key in ["jobs/b", "jobs/a", "jobs/a/x", "jobsx", "job", "other/jobs/a"] {
             s.put(key, key.as_bytes().to_vec()).await.unwrap();
         }
-        let keys: Vec<String> = s
-            .list("jobs/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let keys: Vec<String> = s.list("jobs/").await.unwrap().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, ["jobs/a", "jobs/a/x", "jobs/b"]);
         let entries = s.list("jobs/a/").await.unwrap();
         assert_eq!(entries.len(), 1);
-        let Entry {
-            key,
-            value,
-            revision,
-        } = &entries[0];
-        assert_eq!(
-            (key.as_str(), value.as_slice()),
-            ("jobs/a/x", &b"jobs/a/x"[..])
-        );
-        assert_eq!(
-            *revision,
-            s.get("jobs/a/x").await.unwrap().unwrap().revision
-        );
+        let Entry { key, value, revision } = &entries[0];
+        assert_eq!((key.as_str(), value.as_slice()), ("jobs/a/x", &b"jobs/a/x"[..]));
+        assert_eq!(*revision, s.get("jobs/a/x").await.unwrap().unwrap().revision);
     }
 
     pub async fn create_only_cas_succeeds_once(s: &dyn Store) {
-        let first = s
-            .compare_and_swap("c", Expect::Absent, b"1".to_vec())
-            .await
-            .unwrap();
-        let CasOutcome::Swapped(rev) = first else {
-            panic!("{first:?}")
-        };
-        let second = s
-            .compare_and_swap("c", Expect::Absent, b"2".to_vec())
-            .await
-            .unwrap();
+        let first = s.compare_and_swap("c", Expect::Absent, b"1".to_vec()).await.unwrap();
+        let CasOutcome::Swapped(rev) = first else { panic!("{first:?}") };
+        let second = s.compare_and_swap("c", Expect::Absent, b"2".to_vec()).await.unwrap();
         assert_eq!(second, CasOutcome::Conflict { current: Some(rev) });
         assert_eq!(s.get("c").await.unwrap().unwrap().value, b"1");
     }
@@ -161,30 +121,16 @@ mod cases {
     pub async fn cas_compares_revisions_and_reports_the_current_one(s: &dyn Store) {
         let r1 = s.put("c", b"1".to_vec()).await.unwrap();
         let r2 = s.put("c", b"2".to_vec()).await.unwrap();
-        let stale = s
-            .compare_and_swap("c", Expect::Revision(r1), b"x".to_vec())
-            .await
-            .unwrap();
+        let stale = s.compare_and_swap("c", Expect::Revision(r1), b"x".to_vec()).await.unwrap();
         assert_eq!(stale, CasOutcome::Conflict { current: Some(r2) });
-        let fresh = s
-            .compare_and_swap("c", Expect::Revision(r2), b"3".to_vec())
-            .await
-            .unwrap();
-        let CasOutcome::Swapped(r3) = fresh else {
-            panic!("{fresh:?}")
-        };
+        let fresh = s.compare_and_swap("c", Expect::Revision(r2), b"3".to_vec()).await.unwrap();
+        let CasOutcome::Swapped(r3) = fresh else { panic!("{fresh:?}") };
         assert!(r3 > r2);
         assert_eq!(
             s.get("c").await.unwrap().unwrap(),
-            ferrite_coordinator::store::Versioned {
-                value: b"3".to_vec(),
-                revision: r3,
-            }
+            ferrite_coordinator::store::Versioned { value: b"3".to_vec(), revision: r3 }
         );
-        let absent = s
-            .compare_and_swap("nope", Expect::Revision(r3), vec![])
-            .await
-            .unwrap();
+        let absent = s.compare_and_swap("nope", Expect::Revision(r3), vec![]).await.unwrap();
         assert_eq!(absent, CasOutcome::Conflict { current: None });
         assert_eq!(s.get("nope").await.unwrap(), None);
     }
@@ -213,10 +159,7 @@ mod cases {
 
     pub async fn typed_records_round_trip_and_bad_bytes_are_corrupt(s: &dyn Store) {
         s.put_json("t", &vec![1u32, 2, 3]).await.unwrap();
-        assert_eq!(
-            s.get_json::<Vec<u32>>("t").await.unwrap().unwrap().0,
-            [1, 2, 3]
-        );
+        assert_eq!(s.get_json::<Vec<u32>>("t").await.unwrap().unwrap().0, [1, 2, 3]);
         s.put("t", b"{truncated".to_vec()).await.unwrap();
         match s.get_json::<Vec<u32>>("t").await {
             Err(Error::Corrupt { key, .. }) => assert_eq!(key, "t"),
@@ -227,21 +170,14 @@ mod cases {
     /// etcd's TTLs are whole seconds with a floor near 2 s, so this case takes a few seconds.
     pub async fn leased_key_lives_while_kept_alive_and_dies_after_ttl(s: &dyn Store) {
         let mut watch = s.watch("members/").await.unwrap();
-        let lease = s
-            .put_with_ttl("members/a", b"a".to_vec(), Duration::from_secs(2))
-            .await;
+        let lease = s.put_with_ttl("members/a", b"a".to_vec(), Duration::from_secs(2)).await;
         let lease = lease.unwrap();
-        let WatchEvent::Put(_) = next_event(&mut watch).await else {
-            panic!("expected put")
-        };
+        let WatchEvent::Put(_) = next_event(&mut watch).await else { panic!("expected put") };
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(1000)).await;
             s.keep_alive(lease).await.unwrap();
         }
-        assert!(
-            s.get("members/a").await.unwrap().is_some(),
-            "kept alive past the TTL"
-        );
+        assert!(s.get("members/a").await.unwrap().is_some(), "kept alive past the TTL");
         // Stop heartbeating: gone within TTL plus slack, and watchers see a delete.
         let event = next_event(&mut watch).await;
         assert!(
@@ -261,13 +197,7 @@ mod cases {
         s.put("m/c", b"c".to_vec()).await.unwrap();
         assert_eq!(s.list("m/").await.unwrap().len(), 3);
         s.revoke_lease(lease).await.unwrap();
-        let keys: Vec<String> = s
-            .list("m/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let keys: Vec<String> = s.list("m/").await.unwrap().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, ["m/c"]);
         s.revoke_lease(lease).await.unwrap();
     }
@@ -288,19 +218,10 @@ mod cases {
         s.put("x/ignored", vec![2]).await.unwrap();
         let r2 = s.put("w/a", vec![3]).await.unwrap();
         assert!(s.delete("w/a").await.unwrap());
-        let cas = s
-            .compare_and_swap("w/b", Expect::Absent, vec![4])
-            .await
-            .unwrap();
-        let CasOutcome::Swapped(r4) = cas else {
-            panic!("{cas:?}")
-        };
+        let cas = s.compare_and_swap("w/b", Expect::Absent, vec![4]).await.unwrap();
+        let CasOutcome::Swapped(r4) = cas else { panic!("{cas:?}") };
         let put = |key: &str, value: u8, revision| {
-            WatchEvent::Put(Entry {
-                key: key.into(),
-                value: vec![value],
-                revision,
-            })
+            WatchEvent::Put(Entry { key: key.into(), value: vec![value], revision })
         };
         assert_eq!(next_event(&mut watch).await, put("w/a", 1, r1));
         assert_eq!(next_event(&mut watch).await, put("w/a", 3, r2));
@@ -322,11 +243,7 @@ mod cases {
         let event = next_event(&mut watch).await;
         assert_eq!(
             event,
-            WatchEvent::Put(Entry {
-                key: "d/k".into(),
-                value: vec![99],
-                revision: rev
-            })
+            WatchEvent::Put(Entry { key: "d/k".into(), value: vec![99], revision: rev })
         );
     }
 }

@@ -8,6 +8,7 @@
 //! Layout:
 //! - `proto/ferrite/v1/job.proto` — `JobService`, job spec/state, metrics, checkpoints.
 //! - `proto/ferrite/v1/worker.proto` — `WorkerService`: registration and the `Attach` stream.
+//! - `proto/ferrite/v1/inference.proto` — `InferenceService`: `Generate`, `GenerateStream`.
 //! - [`v1`] — the generated code (`build.rs` runs `tonic-prost-build`).
 
 /// Generated code for package `ferrite.v1`.

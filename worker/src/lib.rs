@@ -2,15 +2,18 @@
 //! [`Collective`] that averages gradients between data-parallel ranks, checkpoint save and
 //! resume.
 //!
-//! Depends on `kernels`, `model` and `data`; never on the coordinator (scheduling is not
-//! its business).
+//! Depends on `kernels`, `model`, `data` and the wire types of `proto` (at the edge, in
+//! [`agent`]); never on the coordinator (scheduling is not its business).
 //!
 //! Layout:
+//! - [`agent`]: the worker process in the cluster: registration, the coordinator stream,
+//!   one rank at a time on its own thread, cancellation and fencing.
 //! - [`batch`]: counter-based sampling of training windows, so a step's batch is a pure
 //!   function of (seed, step, micro-batch, row) and resume needs no sampler state.
 //! - [`collective`]: the [`Collective`] trait and the single-process implementation.
 //! - [`trainer`]: [`Trainer`], the step loop with eval, metrics and checkpoints.
 
+pub mod agent;
 pub mod batch;
 pub mod collective;
 pub mod trainer;
@@ -32,6 +35,8 @@ pub enum WorkerError {
     Dataset(String),
     #[error("collective: {0}")]
     Collective(String),
+    #[error("stopped before step {}", step + 1)]
+    Stopped { step: u64 },
 }
 
 impl WorkerError {

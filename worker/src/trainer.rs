@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,6 +51,8 @@ pub struct Trainer<B: Backend> {
     tokens: Vec<i32>,
     targets: Vec<i32>,
     last_val: Option<f32>,
+    /// Checked before every step; set from another thread to stop the run.
+    stop: Arc<AtomicBool>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -112,7 +115,14 @@ impl<B: Backend> Trainer<B> {
             tokens: vec![0; n],
             targets: vec![0; n],
             last_val: None,
+            stop: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Makes [`Trainer::run`] return [`WorkerError::Stopped`] before its next step once
+    /// `flag` is set (from any thread).
+    pub fn stop_when_set(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = flag;
     }
 
     pub fn tokens_per_step(&self) -> usize {
@@ -136,6 +146,9 @@ impl<B: Backend> Trainer<B> {
         let tr = self.spec.train.clone();
         let total = tr.max_steps;
         while self.step < total {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(WorkerError::Stopped { step: self.step });
+            }
             let started = Instant::now();
             let (loss, lr, norm) = self.train_step()?;
             let step_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -1,6 +1,7 @@
 //! `ferrite coordinator`: the control plane's gRPC server (jobs API, health, reflection).
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -17,11 +18,21 @@ pub struct CoordinatorArgs {
     /// `etcd:http://HOST:PORT[,http://HOST:PORT...]`.
     #[arg(long, default_value = "embedded:./ferrite-coordinator.redb")]
     store: StoreSpec,
+    /// A worker silent this long is dropped and its job recovers (e.g. 5s, 1500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
 }
 
 /// Serves until SIGINT or SIGTERM. Prints `READY addr=HOST:PORT` on stdout once listening;
 /// logs go to stderr.
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -29,14 +40,18 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+}
+
+/// Completes on SIGINT or SIGTERM. Install it before printing READY, so a signal sent right
+/// after it is never missed.
+pub fn stopped_by_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(stopped_by(interrupt, terminate))
 }
 
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
-    // Installed before READY, so a signal sent right after it is never missed.
-    let interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let stop = stopped_by_signal()?;
     let store =
         args.store.open().await.with_context(|| format!("opening the store {:?}", args.store))?;
     let listener = TcpListener::bind(&args.listen)
@@ -48,7 +63,8 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%addr, store = ?args.store, "coordinator serving");
-    server::run(listener, Deps::new(store), stopped_by(interrupt, terminate)).await?;
+    let deps = Deps::with_heartbeat_timeout(store, args.heartbeat_timeout);
+    server::run(listener, deps, stop).await?;
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -59,4 +75,20 @@ async fn stopped_by(mut interrupt: Signal, mut terminate: Signal) {
         _ = terminate.recv() => "SIGTERM",
     };
     tracing::info!(signal = name, "stopping");
+}
+
+/// `250ms`, `5s` or `2m`; at least 100 ms.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}`: expected a number with ms, s or m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("`{s}`: the unit must be ms, s or m")),
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("`{s}` is too short; at least 100ms"));
+    }
+    Ok(d)
 }

@@ -57,9 +57,7 @@ pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
         Some(text) => text,
         None => {
             let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading text from stdin")?;
+            std::io::stdin().read_to_string(&mut text).context("reading text from stdin")?;
             text
         }
     };
@@ -73,15 +71,10 @@ pub fn detokenize(args: DetokenizeArgs) -> anyhow::Result<()> {
     let tokenizer = open_tokenizer(&args.tokenizer)?;
     let ids = if args.ids.is_empty() {
         let mut input = String::new();
-        std::io::stdin()
-            .read_to_string(&mut input)
-            .context("reading ids from stdin")?;
+        std::io::stdin().read_to_string(&mut input).context("reading ids from stdin")?;
         input
             .split_whitespace()
-            .map(|word| {
-                word.parse()
-                    .with_context(|| format!("{word:?} is not a token id"))
-            })
+            .map(|word| word.parse().with_context(|| format!("{word:?} is not a token id")))
             .collect::<anyhow::Result<Vec<u32>>>()?
     } else {
         args.ids

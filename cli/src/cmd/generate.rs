@@ -1,20 +1,29 @@
-//! `ferrite generate`: sample text from a checkpoint in this process, streaming to stdout.
+//! `ferrite generate`: sample text from a checkpoint in this process, or from a
+//! `ferrite serve` (`--server URL`) with the same flags, streaming to stdout.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use ferrite_data::Tokenizer;
+use ferrite_inference::text::TextStream;
 use ferrite_model::checkpoint::TOKENIZER_FILE;
 use ferrite_model::generate::Generator;
 use ferrite_model::sample::SamplingParams;
+use ferrite_proto::v1 as pb;
+use pb::inference_service_client::InferenceServiceClient;
+use tonic::transport::Endpoint;
 
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Checkpoint folder (ours, or a Hugging Face GPT-2 saved with safetensors).
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    pub checkpoint: Option<PathBuf>,
+    /// Generate on a `ferrite serve` at this gRPC URL (http://HOST:PORT) instead.
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub server: Option<String>,
     #[arg(long, default_value = "")]
     pub prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -47,10 +56,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let params =
         SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     params.validate()?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.checkpoint.join(TOKENIZER_FILE));
+    let checkpoint = match (&a.checkpoint, &a.server) {
+        (_, Some(url)) => return remote(&a, url),
+        (Some(dir), None) => dir.clone(),
+        (None, None) => anyhow::bail!("give --checkpoint DIR or --server URL"),
+    };
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| checkpoint.join(TOKENIZER_FILE));
     let tok =
         Tokenizer::load(&tok_path).with_context(|| format!("loading {}", tok_path.display()))?;
-    let mut gen = Generator::from_checkpoint(&a.checkpoint, a.threads)?;
+    let mut gen = Generator::from_checkpoint(&checkpoint, a.threads)?;
     let mut prompt = tok.encode(&a.prompt)?;
     if prompt.is_empty() {
         // An empty prompt starts from the end-of-text token, or token 0 without one.
@@ -66,8 +80,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         ids.push(s.token);
         match tok.decode_bytes(&ids) {
             Ok(bytes) => {
-                let go_on = stream.advance(&bytes, !a.json);
-                go_on && Some(s.token) != tok.eot()
+                let piece = stream.advance(&bytes);
+                if !a.json {
+                    print_flush(piece);
+                }
+                !stream.stopped() && Some(s.token) != tok.eot()
             }
             Err(e) => {
                 err = Some(e);
@@ -88,79 +105,89 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 "text": text})
         );
     } else {
+        print_flush(stream.finish());
         println!();
     }
     Ok(())
 }
 
-/// Decoded output so far, printed as whole UTF-8 characters and cut at a stop sequence.
-struct TextStream<'a> {
-    stops: &'a [String],
-    text: String,
-    printed: usize,
-    stopped: bool,
+fn print_flush(text: &str) {
+    if !text.is_empty() {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
-impl<'a> TextStream<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        TextStream { stops, text: String::new(), printed: 0, stopped: false }
+/// The same generation on a server: `GenerateStream`, printed as it comes.
+fn remote(a: &GenerateArgs, url: &str) -> anyhow::Result<()> {
+    if a.tokenizer.is_some() {
+        anyhow::bail!("--tokenizer: the server tokenizes with its checkpoint's tokenizer");
     }
-
-    /// Takes all bytes decoded so far; prints what is safe; false once a stop appears.
-    fn advance(&mut self, bytes: &[u8], print: bool) -> bool {
-        // Hold back an incomplete UTF-8 sequence at the end.
-        let valid = match std::str::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).expect("valid prefix"),
+    let req = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(a.prompt.clone())),
+        max_tokens: u32::try_from(a.max_tokens).context("--max-tokens is too large")?,
+        temperature: Some(a.temperature),
+        top_k: u32::try_from(a.top_k).context("--top-k is too large")?,
+        top_p: Some(a.top_p),
+        seed: a.seed,
+        stop: a.stop.clone(),
+        logprobs: a.json,
+        // As the local command does: keep the newest tokens of a too-long prompt.
+        truncate_prompt: true,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("--server `{url}` is not a URL"))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel =
+            endpoint.connect().await.with_context(|| format!("cannot reach the server {url}"))?;
+        let mut client = InferenceServiceClient::new(channel);
+        let mut stream = match client.generate_stream(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => anyhow::bail!("{}: {}", code_name(s.code()), s.message()),
         };
-        self.text = valid.to_string();
-        let cut = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min();
-        if let Some(at) = cut {
-            self.text.truncate(at);
-            self.stopped = true;
+        if !a.json {
+            print_flush(&a.prompt);
         }
-        // Hold back a tail that could still grow into a stop sequence.
-        let hold = if self.stopped {
-            0
-        } else {
-            self.stops.iter().map(|s| partial_suffix(&self.text, s)).max().unwrap_or(0)
-        };
-        let safe = self.text.len() - hold;
-        if print && safe > self.printed {
-            print!("{}", &self.text[self.printed..safe]);
-            let _ = std::io::stdout().flush();
-            self.printed = safe;
-        }
-        !self.stopped
-    }
-
-    fn text(&self) -> &str {
-        &self.text
-    }
-
-    /// How many generated tokens the kept text spans.
-    fn kept_tokens(&self, tok: &Tokenizer, ids: &[u32]) -> anyhow::Result<usize> {
-        if !self.stopped {
-            return Ok(ids.len());
-        }
-        for n in 0..=ids.len() {
-            if tok.decode_bytes(&ids[..n])?.len() >= self.text.len() {
-                return Ok(n);
+        let (mut text, mut tokens, mut logprobs, mut prompt_tokens) =
+            (String::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut model, mut kept) = (None, None);
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(s) => anyhow::bail!("{}: {}", code_name(s.code()), s.message()),
+            };
+            if !a.json {
+                print_flush(&chunk.text);
+            }
+            text.push_str(&chunk.text);
+            tokens.extend(chunk.tokens);
+            logprobs.extend(chunk.logprobs);
+            prompt_tokens.extend(chunk.prompt_tokens);
+            model = chunk.model.or(model);
+            if chunk.finish_reason != pb::FinishReason::Unspecified as i32 {
+                kept = Some(chunk.kept_tokens as usize);
             }
         }
-        Ok(ids.len())
-    }
+        if a.json {
+            // A stop sequence cut the text: keep the tokens it spans, as locally.
+            let n = kept.unwrap_or(tokens.len()).min(tokens.len());
+            let (job, step) = model.map(|m| (m.job_id, m.step)).unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({"prompt_tokens": prompt_tokens, "tokens": &tokens[..n],
+                    "logprobs": &logprobs[..n.min(logprobs.len())], "text": text,
+                    "checkpoint": {"job_id": job, "step": step}})
+            );
+        } else {
+            println!();
+        }
+        Ok(())
+    })
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn partial_suffix(text: &str, stop: &str) -> usize {
-    (1..stop.len())
-        .rev()
-        .find(|&n| n <= text.len() && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
-        .unwrap_or(0)
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
 }

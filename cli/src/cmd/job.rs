@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use ferrite_proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
 use pb::job_service_client::JobServiceClient;
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -65,6 +66,13 @@ enum JobCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a job's log: state changes, per-step metrics and checkpoints.
+    Logs {
+        id: String,
+        /// Keep printing new events until the job ends.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Cancel a job that has not finished.
     Cancel {
@@ -219,6 +227,7 @@ async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyh
                 print_job(&job);
             }
         }
+        JobCommand::Logs { id, follow } => logs(client, id, follow).await?,
         JobCommand::Cancel { id, reason } => {
             let req = pb::CancelJobRequest { job_id: id, reason };
             let job = client.cancel_job(req).await.map_err(status_error)?.into_inner();
@@ -229,25 +238,108 @@ async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyh
     Ok(())
 }
 
-/// Prints each state change on stderr until the job ends; an error unless it succeeded.
+/// Follows a job until it ends: state changes on stderr, and a progress bar of its steps
+/// when stderr is a terminal. An error unless the job succeeded.
 async fn follow(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {
-    let req = pb::WatchJobRequest { job_id: id.clone(), include_metrics: false };
+    let req = pb::WatchJobRequest { job_id: id.clone(), include_metrics: true };
     let mut events = client.watch_job(req).await.map_err(status_error)?.into_inner();
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                .expect("valid template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
     let mut last: Option<(i32, String)> = None;
     while let Some(msg) = events.next().await {
         let (state, reason) = match msg.map_err(status_error)?.event {
-            Some(pb::watch_job_response::Event::Snapshot(j)) => (j.state, j.reason),
+            Some(pb::watch_job_response::Event::Snapshot(j)) => {
+                bar.set_length(max_steps(&j));
+                (j.state, j.reason)
+            }
             Some(pb::watch_job_response::Event::StateChange(c)) => (c.to, c.reason),
-            Some(_) | None => continue,
+            Some(pb::watch_job_response::Event::Metrics(m)) => {
+                bar.set_position(m.step);
+                bar.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    m.train_loss, m.tokens_per_second
+                ));
+                continue;
+            }
+            Some(pb::watch_job_response::Event::Checkpoint(_)) | None => continue,
         };
-        eprintln!("{id} {} {reason}", state_name(state));
+        bar.suspend(|| eprintln!("{id} {} {reason}", state_name(state)));
         last = Some((state, reason));
     }
+    bar.finish_and_clear();
     match last {
         Some((s, _)) if s == pb::JobState::Succeeded as i32 => Ok(()),
         Some((s, reason)) => Err(anyhow!("job {id} {}: {reason}", state_name(s))),
         None => Err(anyhow!("the coordinator ended the watch of {id} without news")),
     }
+}
+
+/// The job file's `[train] max_steps` (0 when it cannot be read).
+fn max_steps(j: &pb::Job) -> u64 {
+    let toml = j.spec.as_ref().map(|s| s.toml.as_str()).unwrap_or_default();
+    ferrite_model::JobSpec::parse(toml).map_or(0, |f| f.train.max_steps)
+}
+
+/// The job's history, then (with `follow`) every event until it ends. Steps are the ones
+/// this coordinator has seen; the full record is `metrics.jsonl` in the job's output dir.
+async fn logs(
+    mut client: JobServiceClient<Channel>,
+    id: String,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let req = pb::WatchJobRequest { job_id: id.clone(), include_metrics: true };
+    let mut events = client.watch_job(req).await.map_err(status_error)?.into_inner();
+    let mut caught_up = false;
+    loop {
+        // Without --follow, stop once the replay of past events has gone quiet.
+        let next = if follow || !caught_up {
+            events.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(300), events.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            }
+        };
+        let Some(msg) = next else { break };
+        match msg.map_err(status_error)?.event {
+            Some(pb::watch_job_response::Event::Snapshot(j)) => {
+                for c in &j.history {
+                    println!("{} {:<10} {}", time(c.at_unix_ms), state_name(c.to), c.reason);
+                }
+                caught_up = true;
+            }
+            Some(pb::watch_job_response::Event::StateChange(c)) => {
+                println!("{} {:<10} {}", time(c.at_unix_ms), state_name(c.to), c.reason);
+            }
+            Some(pb::watch_job_response::Event::Metrics(m)) => {
+                let val = m.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
+                println!(
+                    "step {:>6} | loss {:.4}{val} | lr {:.2e} | norm {:.3} | {:.1} ms | {:.0} tok/s",
+                    m.step, m.train_loss, m.learning_rate, m.grad_norm, m.step_ms, m.tokens_per_second
+                );
+            }
+            Some(pb::watch_job_response::Event::Checkpoint(c)) => {
+                println!("{} checkpoint step {} {}", time(c.created_unix_ms), c.step, c.path);
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+fn time(unix_ms: i64) -> String {
+    let ms = unix_ms.rem_euclid(86_400_000);
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
 }
 
 async fn list_checkpoints(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {

@@ -5,4 +5,6 @@ pub mod coordinator;
 pub mod data;
 pub mod generate;
 pub mod job;
+pub mod serve;
 pub mod train;
+pub mod worker;

@@ -23,17 +23,9 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             Ok(pb::JobKind::Pretrain) => JobKind::Pretrain,
             Ok(pb::JobKind::Finetune) => JobKind::Finetune,
             Ok(pb::JobKind::Unspecified) => {
-                return Err(Error::invalid(
-                    "spec.kind",
-                    "required (pretrain or finetune)",
-                ))
+                return Err(Error::invalid("spec.kind", "required (pretrain or finetune)"))
             }
-            Err(_) => {
-                return Err(Error::invalid(
-                    "spec.kind",
-                    format!("unknown {}", spec.kind),
-                ))
-            }
+            Err(_) => return Err(Error::invalid("spec.kind", format!("unknown {}", spec.kind))),
         };
         Ok(JobSpec {
             toml: spec.toml,
@@ -43,6 +35,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             min_workers: spec.min_workers,
             priority: spec.priority,
             device: device_from_proto("spec.device", spec.device)?,
+            max_restarts: crate::job::DEFAULT_MAX_RESTARTS,
         })
     }
 }
@@ -71,10 +64,7 @@ pub fn device_from_proto(field: &'static str, value: i32) -> Result<Option<Devic
         Ok(pb::DeviceKind::Unspecified) => Ok(None),
         Ok(pb::DeviceKind::Cpu) => Ok(Some(DeviceKind::Cpu)),
         Ok(pb::DeviceKind::Cuda) => Ok(Some(DeviceKind::Cuda)),
-        Err(_) => Err(Error::invalid(
-            field,
-            format!("unknown device kind {value}"),
-        )),
+        Err(_) => Err(Error::invalid(field, format!("unknown device kind {value}"))),
     }
 }
 
@@ -216,44 +206,23 @@ mod tests {
     #[test]
     fn job_spec_round_trips() {
         let spec = JobSpec::try_from(wire_spec()).unwrap();
-        assert_eq!(
-            (spec.kind, spec.device),
-            (JobKind::Finetune, Some(DeviceKind::Cuda))
-        );
+        assert_eq!((spec.kind, spec.device), (JobKind::Finetune, Some(DeviceKind::Cuda)));
         assert_eq!(pb::JobSpec::from(&spec), wire_spec());
     }
 
     #[test]
     fn unknown_or_missing_enums_name_the_field() {
-        let no_kind = pb::JobSpec {
-            kind: 0,
-            ..wire_spec()
-        };
+        let no_kind = pb::JobSpec { kind: 0, ..wire_spec() };
         assert_eq!(field_of(JobSpec::try_from(no_kind)), "spec.kind");
-        let bad_kind = pb::JobSpec {
-            kind: 42,
-            ..wire_spec()
-        };
+        let bad_kind = pb::JobSpec { kind: 42, ..wire_spec() };
         assert_eq!(field_of(JobSpec::try_from(bad_kind)), "spec.kind");
-        let bad_device = pb::JobSpec {
-            device: -1,
-            ..wire_spec()
-        };
+        let bad_device = pb::JobSpec { device: -1, ..wire_spec() };
         assert_eq!(field_of(JobSpec::try_from(bad_device)), "spec.device");
         assert_eq!(field_of(state_from_proto("states", 0)), "states");
         assert_eq!(field_of(state_from_proto("states", 99)), "states");
-        let caps = pb::WorkerCapabilities {
-            device_kind: 0,
-            ..Default::default()
-        };
-        assert_eq!(
-            field_of(WorkerCapabilities::try_from(caps)),
-            "capabilities.device_kind"
-        );
-        let ckpt = pb::Checkpoint {
-            job_id: "nope".into(),
-            ..Default::default()
-        };
+        let caps = pb::WorkerCapabilities { device_kind: 0, ..Default::default() };
+        assert_eq!(field_of(WorkerCapabilities::try_from(caps)), "capabilities.device_kind");
+        let ckpt = pb::Checkpoint { job_id: "nope".into(), ..Default::default() };
         assert_eq!(field_of(Checkpoint::try_from(ckpt)), "checkpoint.job_id");
         assert_eq!(field_of(required::<u8>("spec", None)), "spec");
     }

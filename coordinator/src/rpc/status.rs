@@ -35,17 +35,10 @@ mod tests {
 
     #[test]
     fn caller_errors_keep_their_meaning_on_the_wire() {
-        let invalid = Error::InvalidArgument {
-            field: "spec.workers",
-            reason: "0".into(),
-        };
+        let invalid = Error::InvalidArgument { field: "spec.workers", reason: "0".into() };
         let status = Status::from(invalid);
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(
-            status.message().contains("spec.workers"),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().contains("spec.workers"), "{}", status.message());
         let illegal = Error::IllegalTransition {
             job: JobId::from_seq(1),
             from: JobState::Succeeded,

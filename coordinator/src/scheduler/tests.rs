@@ -13,25 +13,15 @@ fn job(seq: u64, priority: i32, workers: u32) -> PendingJob {
 }
 
 fn worker(name: &str, device: DeviceKind, threads: u32) -> FreeWorker {
-    FreeWorker {
-        id: WorkerId::new(name),
-        device,
-        threads,
-    }
+    FreeWorker { id: WorkerId::new(name), device, threads }
 }
 
 fn cpus(n: usize) -> Vec<FreeWorker> {
-    (0..n)
-        .map(|i| worker(&format!("c{i}"), DeviceKind::Cpu, 8))
-        .collect()
+    (0..n).map(|i| worker(&format!("c{i}"), DeviceKind::Cpu, 8)).collect()
 }
 
 fn view(pending: Vec<PendingJob>, free: Vec<FreeWorker>) -> ClusterView {
-    ClusterView {
-        pending,
-        free_workers: free,
-        strategy: QueueingStrategy::StrictFifo,
-    }
+    ClusterView { pending, free_workers: free, strategy: QueueingStrategy::StrictFifo }
 }
 
 fn started(actions: &[Action]) -> Vec<(u64, usize)> {
@@ -53,10 +43,7 @@ fn higher_priority_first_then_submission_order() {
     let actions = schedule(&view(pending, cpus(3)));
     assert_eq!(started(&actions), vec![(2, 1), (3, 1), (1, 1)]);
     let order: Vec<&str> = actions.iter().map(|a| a.job().as_str()).collect();
-    assert_eq!(
-        order,
-        ["job-000002", "job-000003", "job-000001", "job-000004"]
-    );
+    assert_eq!(order, ["job-000002", "job-000003", "job-000001", "job-000004"]);
 }
 
 #[test]
@@ -90,9 +77,7 @@ fn ranks_go_to_workers_with_most_threads_first() {
         worker("c", DeviceKind::Cpu, 16),
     ];
     let actions = schedule(&view(vec![job(1, 0, 3)], free));
-    let Action::Start { workers, .. } = &actions[0] else {
-        panic!("{actions:?}")
-    };
+    let Action::Start { workers, .. } = &actions[0] else { panic!("{actions:?}") };
     let names: Vec<&str> = workers.iter().map(WorkerId::as_str).collect();
     assert_eq!(names, ["b", "c", "a"]);
 }
@@ -105,51 +90,24 @@ fn one_job_never_mixes_device_kinds_and_prefers_cuda() {
     // 3 workers: neither kind has 3 free, and 2 cuda + 1 cpu is not allowed.
     assert!(started(&schedule(&view(vec![job(1, 0, 3)], free.clone()))).is_empty());
     let actions = schedule(&view(vec![job(1, 0, 2), job(2, 0, 2)], free.clone()));
-    let Action::Start { workers, .. } = &actions[0] else {
-        panic!("{actions:?}")
-    };
-    assert!(
-        workers.iter().all(|w| w.as_str().starts_with('g')),
-        "{workers:?}"
-    );
-    let Action::Start { workers, .. } = &actions[1] else {
-        panic!("{actions:?}")
-    };
-    assert!(
-        workers.iter().all(|w| w.as_str().starts_with('c')),
-        "{workers:?}"
-    );
+    let Action::Start { workers, .. } = &actions[0] else { panic!("{actions:?}") };
+    assert!(workers.iter().all(|w| w.as_str().starts_with('g')), "{workers:?}");
+    let Action::Start { workers, .. } = &actions[1] else { panic!("{actions:?}") };
+    assert!(workers.iter().all(|w| w.as_str().starts_with('c')), "{workers:?}");
     // A job that asks for CPU does not take GPUs even when they are the only free workers.
-    let cpu_job = PendingJob {
-        device: Some(DeviceKind::Cpu),
-        ..job(3, 0, 2)
-    };
-    let gpus_only: Vec<FreeWorker> = free
-        .into_iter()
-        .filter(|w| w.device == DeviceKind::Cuda)
-        .collect();
+    let cpu_job = PendingJob { device: Some(DeviceKind::Cpu), ..job(3, 0, 2) };
+    let gpus_only: Vec<FreeWorker> =
+        free.into_iter().filter(|w| w.device == DeviceKind::Cuda).collect();
     assert!(started(&schedule(&view(vec![cpu_job], gpus_only))).is_empty());
 }
 
 #[test]
 fn resuming_job_may_shrink_to_min_workers_but_fresh_job_may_not() {
-    let fresh = PendingJob {
-        min_workers: 2,
-        ..job(1, 0, 4)
-    };
+    let fresh = PendingJob { min_workers: 2, ..job(1, 0, 4) };
     assert!(started(&schedule(&view(vec![fresh.clone()], cpus(3)))).is_empty());
-    let resuming = PendingJob {
-        resuming: true,
-        ..fresh
-    };
-    assert_eq!(
-        started(&schedule(&view(vec![resuming.clone()], cpus(3)))),
-        vec![(1, 3)]
-    );
-    assert_eq!(
-        started(&schedule(&view(vec![resuming.clone()], cpus(9)))),
-        vec![(1, 4)]
-    );
+    let resuming = PendingJob { resuming: true, ..fresh };
+    assert_eq!(started(&schedule(&view(vec![resuming.clone()], cpus(3)))), vec![(1, 3)]);
+    assert_eq!(started(&schedule(&view(vec![resuming.clone()], cpus(9)))), vec![(1, 4)]);
     assert!(started(&schedule(&view(vec![resuming], cpus(1)))).is_empty());
 }
 
@@ -186,11 +144,7 @@ fn random_views_keep_every_invariant() {
     for _ in 0..2000 {
         let free: Vec<FreeWorker> = (0..rng.below(12))
             .map(|i| {
-                let kind = if rng.below(2) == 0 {
-                    DeviceKind::Cpu
-                } else {
-                    DeviceKind::Cuda
-                };
+                let kind = if rng.below(2) == 0 { DeviceKind::Cpu } else { DeviceKind::Cuda };
                 worker(&format!("w{}", i % 9), kind, rng.below(4) as u32)
             })
             .collect();
@@ -211,11 +165,7 @@ fn random_views_keep_every_invariant() {
         } else {
             QueueingStrategy::BestEffortFifo
         };
-        let v = ClusterView {
-            pending,
-            free_workers: free,
-            strategy,
-        };
+        let v = ClusterView { pending, free_workers: free, strategy };
         check_invariants(&v, &schedule(&v));
     }
 }
@@ -225,32 +175,18 @@ fn check_invariants(v: &ClusterView, actions: &[Action]) {
     let mut used = HashSet::new();
     let mut saw_wait = false;
     for action in actions {
-        let job = v
-            .pending
-            .iter()
-            .find(|j| &j.id == action.job())
-            .expect("known job");
+        let job = v.pending.iter().find(|j| &j.id == action.job()).expect("known job");
         match action {
             Action::Wait { .. } => saw_wait = true,
             Action::Start { workers, .. } => {
                 if v.strategy == QueueingStrategy::StrictFifo {
                     assert!(!saw_wait, "strict FIFO started a job behind a waiting one");
                 }
-                let need = if job.resuming {
-                    job.min_workers
-                } else {
-                    job.workers
-                };
+                let need = if job.resuming { job.min_workers } else { job.workers };
                 assert!(workers.len() >= need as usize && workers.len() <= job.workers as usize);
                 let kinds: HashSet<DeviceKind> = workers
                     .iter()
-                    .map(|w| {
-                        v.free_workers
-                            .iter()
-                            .find(|f| &f.id == w)
-                            .expect("free")
-                            .device
-                    })
+                    .map(|w| v.free_workers.iter().find(|f| &f.id == w).expect("free").device)
                     .collect();
                 assert_eq!(kinds.len(), 1, "mixed device kinds");
                 if let Some(kind) = job.device {

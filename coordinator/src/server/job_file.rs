@@ -42,6 +42,7 @@ pub struct JobFileSummary {
     pub workers: u32,
     pub min_workers: u32,
     pub priority: i32,
+    pub max_restarts: u32,
 }
 
 /// Parses and validates a job file. Relative paths resolve against the coordinator's
@@ -67,6 +68,7 @@ pub fn check(text: &str) -> Result<JobFileSummary, FieldError> {
         workers: count("cluster.workers", file.cluster.workers)?,
         min_workers: count("cluster.min_workers", file.cluster.min_workers)?,
         priority: file.cluster.priority,
+        max_restarts: file.cluster.max_restarts,
     })
 }
 

@@ -2,20 +2,22 @@
 //! that names the field) before it touches the registries, so a rejected job stores nothing.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use ferrite_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::control::{JobEvent, StepReport};
 use crate::error::Error;
 use crate::job::{Job, JobId, JobKind, JobSpec, MAX_JOB_TOML_BYTES};
 use crate::jobs::JobUpdates;
 use crate::rpc::convert::{device_from_proto, required, state_from_proto};
 use crate::server::job_file;
 use crate::server::Deps;
-use crate::{CheckpointRegistry, JobRegistry};
+use crate::{CheckpointRegistry, Controller, JobRegistry};
 
 const MAX_REASON_CHARS: usize = 1000;
 /// Events buffered per `WatchJob` stream before the follower waits for the client.
@@ -28,13 +30,14 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status
 pub struct JobApi {
     jobs: JobRegistry,
     checkpoints: CheckpointRegistry,
+    control: Arc<Controller>,
     /// Becomes `true` when the server begins to shut down.
     stopping: watch::Receiver<bool>,
 }
 
 impl JobApi {
     pub fn new(deps: Deps, stopping: watch::Receiver<bool>) -> Self {
-        JobApi { jobs: deps.jobs, checkpoints: deps.checkpoints, stopping }
+        JobApi { jobs: deps.jobs, checkpoints: deps.checkpoints, control: deps.control, stopping }
     }
 }
 
@@ -44,6 +47,7 @@ impl pb::job_service_server::JobService for JobApi {
         let wire = required("spec", req.into_inner().spec)?;
         let job = self.jobs.submit(spec_from_wire(wire)?).await?;
         tracing::info!(job = %job.id, name = %job.spec.name, "job submitted");
+        self.control.wake();
         Ok(Response::new(pb::SubmitJobResponse { job: Some((&job).into()) }))
     }
 
@@ -82,20 +86,24 @@ impl pb::job_service_server::JobService for JobApi {
         };
         let job = self.jobs.cancel(&id, reason).await?;
         tracing::info!(job = %job.id, reason, "job cancelled");
+        self.control.wake();
         Ok(Response::new(pb::CancelJobResponse { job: Some((&job).into()) }))
     }
 
     type WatchJobStream = WatchStream;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Reply<WatchStream> {
-        // `include_metrics` is accepted; no metrics exist until workers report them.
-        let id = JobId::parse(&req.into_inner().job_id)?;
+        let req = req.into_inner();
+        let id = JobId::parse(&req.job_id)?;
         // Subscribe before reading, so no change falls between the snapshot and the stream.
+        let events = req.include_metrics.then(|| self.control.subscribe());
         let updates = self.jobs.watch(&id).await?;
         let snapshot = self.jobs.get(&id).await?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let follower = Follower { jobs: self.jobs.clone(), tx, stopping: self.stopping.clone() };
-        tokio::spawn(follower.run(snapshot, updates));
+        let replay = if events.is_some() { self.control.recent_steps(&id) } else { Vec::new() };
+        let follower =
+            Follower { jobs: self.jobs.clone(), tx, stopping: self.stopping.clone(), events };
+        tokio::spawn(follower.run(snapshot, replay, updates));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -159,6 +167,7 @@ fn spec_from_wire(wire: pb::JobSpec) -> Result<JobSpec, Status> {
         kind,
         workers,
         min_workers,
+        max_restarts: file.max_restarts,
     })
 }
 
@@ -169,12 +178,25 @@ struct Follower {
     jobs: JobRegistry,
     tx: mpsc::Sender<Result<pb::WatchJobResponse, Status>>,
     stopping: watch::Receiver<bool>,
+    /// Steps and checkpoints of every job, when the client asked for metrics.
+    events: Option<broadcast::Receiver<JobEvent>>,
 }
 
 impl Follower {
-    async fn run(mut self, snapshot: Job, mut updates: JobUpdates) {
+    async fn run(mut self, snapshot: Job, replay: Vec<StepReport>, mut updates: JobUpdates) {
         let mut last = snapshot;
-        if !self.send(snapshot_event(&last)).await || last.state.is_terminal() {
+        if !self.send(snapshot_event(&last)).await {
+            return;
+        }
+        // Steps seen so far, then live ones; a step both replayed and broadcast goes once.
+        let mut last_step = None;
+        for report in replay {
+            last_step = Some(report.step);
+            if !self.send(job_event(JobEvent::Step(last.id.clone(), report))).await {
+                return;
+            }
+        }
+        if last.state.is_terminal() {
             return;
         }
         loop {
@@ -182,8 +204,31 @@ impl Follower {
                 // Dropping the guard here keeps the future `Send`.
                 let _ = self.stopping.wait_for(|s| *s).await.map(drop);
             };
+            let event = async {
+                match self.events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 next = updates.next() => next,
+                event = event => {
+                    match event {
+                        Ok(JobEvent::Step(_, r)) if last_step.is_some_and(|s| r.step <= s) => {}
+                        Ok(e) if *e.job() == last.id => {
+                            last_step = None;
+                            if !self.send(job_event(e)).await {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::debug!(job = %last.id, skipped = n, "watcher lagged");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => self.events = None,
+                    }
+                    continue;
+                }
                 _ = self.tx.closed() => return,
                 _ = stopping => None,
             };
@@ -228,6 +273,21 @@ impl Follower {
 
     async fn fail(&self, e: Error) {
         let _ = self.tx.send(Err(e.into())).await;
+    }
+}
+
+fn job_event(e: JobEvent) -> pb::watch_job_response::Event {
+    match e {
+        JobEvent::Step(_, r) => pb::watch_job_response::Event::Metrics(pb::StepMetrics {
+            step: r.step,
+            train_loss: r.train_loss,
+            val_loss: r.val_loss,
+            learning_rate: r.learning_rate,
+            grad_norm: r.grad_norm,
+            tokens_per_second: r.tokens_per_second,
+            step_ms: r.step_ms,
+        }),
+        JobEvent::Checkpoint(c) => pb::watch_job_response::Event::Checkpoint((&c).into()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The coordinator's gRPC server: `ferrite.v1.JobService` for operators, plus the standard
+//! The coordinator's gRPC server: `ferrite.v1.JobService` for operators and
+//! `ferrite.v1.WorkerService` for workers (with the control loop behind it), plus the standard
 //! health service (`grpc.health.v1.Health`) and server reflection on the same port.
 //!
 //! [`run`] takes a bound listener, so callers (and tests) bind `127.0.0.1:0` and know the
@@ -7,16 +8,20 @@
 //! Layout:
 //! - [`job_service`] — the `JobService` handlers over [`JobRegistry`] and
 //!   [`CheckpointRegistry`].
+//! - [`worker_service`] — the `WorkerService` handlers: registration and the `Attach`
+//!   stream, converted to and from [`crate::control`]'s messages.
 //! - [`job_file`] — the job file's checks at submission, naming the failing TOML field.
 //! - [`StoreSpec`] — `embedded:PATH` / `etcd:URL,...`, as given on the command line.
 
 pub mod job_file;
 pub mod job_service;
+pub mod worker_service;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrite_proto::v1 as pb;
 use tokio::net::TcpListener;
@@ -24,21 +29,36 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
-use crate::{CheckpointRegistry, EmbeddedStore, EtcdStore, JobRegistry, Store};
+use crate::WorkerRegistry;
+use crate::{CheckpointRegistry, Controller, EmbeddedStore, EtcdStore, JobRegistry, Store};
 
 use job_service::JobApi;
+use worker_service::WorkerApi;
+
+/// A worker silent this long is dropped and its job recovers (`--heartbeat-timeout`).
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the server serves from.
 #[derive(Clone)]
 pub struct Deps {
     pub jobs: JobRegistry,
     pub checkpoints: CheckpointRegistry,
+    pub control: Arc<Controller>,
 }
 
 impl Deps {
-    /// Registries over one store.
+    /// Registries over one store, with the default heartbeat timeout.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Deps { jobs: JobRegistry::new(store.clone()), checkpoints: CheckpointRegistry::new(store) }
+        Self::with_heartbeat_timeout(store, DEFAULT_HEARTBEAT_TIMEOUT)
+    }
+
+    /// Registries over one store; workers silent for `timeout` are dropped.
+    pub fn with_heartbeat_timeout(store: Arc<dyn Store>, timeout: Duration) -> Self {
+        let jobs = JobRegistry::new(store.clone());
+        let checkpoints = CheckpointRegistry::new(store.clone());
+        let workers = WorkerRegistry::new(store, timeout);
+        let control = Arc::new(Controller::new(jobs.clone(), checkpoints.clone(), workers));
+        Deps { jobs, checkpoints, control }
     }
 }
 
@@ -52,16 +72,22 @@ pub async fn run(
     let (stopping_tx, stopping) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     type JobServer = pb::job_service_server::JobServiceServer<JobApi>;
+    type WorkerServer = pb::worker_service_server::WorkerServiceServer<WorkerApi>;
     health.set_serving::<JobServer>().await;
+    health.set_serving::<WorkerServer>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    let control = deps.control.clone();
+    let workers = WorkerServer::new(WorkerApi::new(control.clone(), stopping.clone()));
+    let control_loop = tokio::spawn(control.run(stopping.clone()));
     let api = JobServer::new(JobApi::new(deps, stopping));
     let signal = async move {
         shutdown.await;
         health.set_not_serving::<JobServer>().await;
+        health.set_not_serving::<WorkerServer>().await;
         // Streams see this and end, so the graceful shutdown below does not wait on them.
         let _ = stopping_tx.send(true);
     };
@@ -69,9 +95,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
+        .add_service(workers)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await
-        .map_err(|e| Error::Internal(format!("grpc server: {e}")))
+        .map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
+    let _ = control_loop.await;
+    Ok(())
 }
 
 /// Where the coordinator keeps its state: `embedded:PATH` (a redb file, created if absent)

@@ -72,11 +72,7 @@ impl EmbeddedStore {
         txn.open_table(META)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(WATCH_BUFFER);
-        let inner = Arc::new(Inner {
-            db,
-            write_order: Mutex::new(()),
-            events,
-        });
+        let inner = Arc::new(Inner { db, write_order: Mutex::new(()), events });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep_periodically(Arc::downgrade(&inner)));
         }
@@ -138,10 +134,7 @@ struct Tx<'t> {
 impl Inner {
     /// Runs `f` in one write transaction: sweep expired leases, `f`, commit, publish events.
     fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        let _order = self
-            .write_order
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _order = self.write_order.lock().unwrap_or_else(PoisonError::into_inner);
         let txn = self.db.begin_write()?;
         let (out, events) = {
             let meta = txn.open_table(META)?;
@@ -195,10 +188,7 @@ impl Inner {
         if !lease_alive(&leases, rec.lease, now)? {
             return Ok(None);
         }
-        Ok(Some(Versioned {
-            value: rec.value.to_vec(),
-            revision: rec.revision,
-        }))
+        Ok(Some(Versioned { value: rec.value.to_vec(), revision: rec.revision }))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
@@ -216,11 +206,7 @@ impl Inner {
             let rec = decode_record(key, v.value())?;
             if lease_alive(&leases, rec.lease, now)? {
                 let value = rec.value.to_vec();
-                out.push(Entry {
-                    key: key.to_owned(),
-                    value,
-                    revision: rec.revision,
-                });
+                out.push(Entry { key: key.to_owned(), value, revision: rec.revision });
             }
         }
         Ok(out)
@@ -245,13 +231,8 @@ impl Tx<'_> {
 
     fn put(&mut self, key: &str, value: &[u8], lease: i64) -> Result<Revision> {
         let revision = self.next_revision();
-        self.kv
-            .insert(key, encode_record(revision, lease, value).as_slice())?;
-        let entry = Entry {
-            key: key.to_owned(),
-            value: value.to_vec(),
-            revision,
-        };
+        self.kv.insert(key, encode_record(revision, lease, value).as_slice())?;
+        let entry = Entry { key: key.to_owned(), value: value.to_vec(), revision };
         self.events.push(WatchEvent::Put(entry));
         Ok(revision)
     }
@@ -261,10 +242,7 @@ impl Tx<'_> {
         let existed = self.kv.remove(key)?.is_some();
         if live {
             let revision = self.next_revision();
-            self.events.push(WatchEvent::Delete {
-                key: key.to_owned(),
-                revision,
-            });
+            self.events.push(WatchEvent::Delete { key: key.to_owned(), revision });
         }
         Ok(existed && live)
     }
@@ -329,17 +307,11 @@ fn encode_record(revision: Revision, lease: i64, value: &[u8]) -> Vec<u8> {
 
 fn decode_record<'a>(key: &str, raw: &'a [u8]) -> Result<Record<'a>> {
     if raw.len() < RECORD_HEADER {
-        let reason = format!(
-            "{} bytes, shorter than the {RECORD_HEADER}-byte header",
-            raw.len()
-        );
+        let reason = format!("{} bytes, shorter than the {RECORD_HEADER}-byte header", raw.len());
         return Err(Error::corrupt(key, reason));
     }
     if raw[0] != RECORD_FORMAT {
-        return Err(Error::corrupt(
-            key,
-            format!("unknown record format {}", raw[0]),
-        ));
+        return Err(Error::corrupt(key, format!("unknown record format {}", raw[0])));
     }
     // In bounds: the length was checked above.
     let word = |at: usize| <[u8; 8]>::try_from(&raw[at..at + 8]).unwrap_or([0; 8]);
@@ -348,11 +320,7 @@ fn decode_record<'a>(key: &str, raw: &'a [u8]) -> Result<Record<'a>> {
     if revision == 0 {
         return Err(Error::corrupt(key, "revision 0"));
     }
-    Ok(Record {
-        revision,
-        lease,
-        value: &raw[RECORD_HEADER..],
-    })
+    Ok(Record { revision, lease, value: &raw[RECORD_HEADER..] })
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -372,14 +340,12 @@ impl Store for EmbeddedStore {
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision> {
         let key = key.to_owned();
-        self.blocking(move |inner| inner.write(|tx| tx.put(&key, &value, 0)))
-            .await
+        self.blocking(move |inner| inner.write(|tx| tx.put(&key, &value, 0))).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let key = key.to_owned();
-        self.blocking(move |inner| inner.write(|tx| tx.delete(&key)))
-            .await
+        self.blocking(move |inner| inner.write(|tx| tx.delete(&key))).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
@@ -414,12 +380,7 @@ impl Store for EmbeddedStore {
         let ttl = ttl_ms(ttl);
         self.blocking(move |inner| {
             inner.write(|tx| {
-                let id = tx
-                    .meta
-                    .get(META_LAST_LEASE)?
-                    .map(|g| g.value())
-                    .unwrap_or(0)
-                    + 1;
+                let id = tx.meta.get(META_LAST_LEASE)?.map(|g| g.value()).unwrap_or(0) + 1;
                 tx.meta.insert(META_LAST_LEASE, id)?;
                 let id =
                     i64::try_from(id).map_err(|_| Error::Internal("lease ids ran out".into()))?;
@@ -498,10 +459,7 @@ mod tests {
         // The sweeper task holds only a weak reference, so dropping the store closes the file.
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.get("b").await.unwrap().unwrap().revision, rev);
-        assert!(
-            store.put("c", vec![]).await.unwrap() > rev,
-            "revision went backwards"
-        );
+        assert!(store.put("c", vec![]).await.unwrap() > rev, "revision went backwards");
     }
 
     #[tokio::test]
@@ -518,18 +476,12 @@ mod tests {
                 other => panic!("expected Corrupt for {key}, got {other:?}"),
             }
         }
-        assert!(matches!(
-            store.list("jobs/").await,
-            Err(Error::Corrupt { .. })
-        ));
+        assert!(matches!(store.list("jobs/").await, Err(Error::Corrupt { .. })));
         // A sweep that meets the corrupt records skips them.
         let lease = store.grant_lease(Duration::from_millis(1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         store.put("other", b"ok".to_vec()).await.unwrap();
-        assert!(matches!(
-            store.keep_alive(lease).await,
-            Err(Error::LeaseExpired(_))
-        ));
+        assert!(matches!(store.keep_alive(lease).await, Err(Error::LeaseExpired(_))));
     }
 
     #[tokio::test]
@@ -537,14 +489,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         // Opened outside a runtime's context: no sweeper task; reads still see expiry.
-        let store = std::thread::spawn(move || EmbeddedStore::open(path).unwrap())
-            .join()
-            .unwrap();
+        let store = std::thread::spawn(move || EmbeddedStore::open(path).unwrap()).join().unwrap();
         let lease = store.grant_lease(Duration::from_millis(50)).await.unwrap();
-        store
-            .put_with_lease("workers/w", b"x".to_vec(), lease)
-            .await
-            .unwrap();
+        store.put_with_lease("workers/w", b"x".to_vec(), lease).await.unwrap();
         assert!(store.get("workers/w").await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(store.get("workers/w").await.unwrap(), None);

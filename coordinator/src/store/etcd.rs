@@ -42,10 +42,7 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(EtcdStore {
-            client,
-            namespace: namespace.to_owned(),
-        })
+        Ok(EtcdStore { client, namespace: namespace.to_owned() })
     }
 
     fn full(&self, key: &str) -> String {
@@ -107,20 +104,12 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
         let options = GetOptions::new().with_prefix();
-        let resp = self
-            .client
-            .clone()
-            .get(self.full(prefix), Some(options))
-            .await?;
+        let resp = self.client.clone().get(self.full(prefix), Some(options)).await?;
         resp.kvs()
             .iter()
             .map(|kv| {
                 let key = self.strip(kv.key())?;
-                Ok(Entry {
-                    key,
-                    value: kv.value().to_vec(),
-                    revision: revision(kv.mod_revision()),
-                })
+                Ok(Entry { key, value: kv.value().to_vec(), revision: revision(kv.mod_revision()) })
             })
             .collect()
     }
@@ -153,16 +142,12 @@ impl Store for EtcdStore {
             }
             _ => None,
         });
-        Ok(CasOutcome::Conflict {
-            current: current.flatten(),
-        })
+        Ok(CasOutcome::Conflict { current: current.flatten() })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         // etcd counts whole seconds.
-        let secs = i64::try_from(ttl.as_millis().div_ceil(1000))
-            .unwrap_or(i64::MAX)
-            .max(1);
+        let secs = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(1);
         let resp = self.client.clone().lease_grant(secs, None).await?;
         Ok(LeaseId(resp.id()))
     }
@@ -180,22 +165,12 @@ impl Store for EtcdStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
         // One request on a fresh keep-alive stream; the client checks the answer's TTL > 0.
-        self.client
-            .clone()
-            .lease_keep_alive(lease.0)
-            .await
-            .map_err(|e| lease_error(e, lease))?;
+        self.client.clone().lease_keep_alive(lease.0).await.map_err(|e| lease_error(e, lease))?;
         Ok(())
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        match self
-            .client
-            .clone()
-            .lease_revoke(lease.0)
-            .await
-            .map_err(|e| lease_error(e, lease))
-        {
+        match self.client.clone().lease_revoke(lease.0).await.map_err(|e| lease_error(e, lease)) {
             Ok(_) | Err(Error::LeaseExpired(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -203,11 +178,7 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream> {
         let options = WatchOptions::new().with_prefix();
-        let mut stream = self
-            .client
-            .clone()
-            .watch(self.full(prefix), Some(options))
-            .await?;
+        let mut stream = self.client.clone().watch(self.full(prefix), Some(options)).await?;
         // Wait until etcd confirms the watch, so changes after this call are never missed.
         match stream.message().await? {
             Some(resp) if resp.created() => {}
@@ -226,9 +197,8 @@ impl Store for EtcdStore {
                 let resp = match msg {
                     Ok(Some(resp)) => resp,
                     Ok(None) => {
-                        let _ = tx
-                            .send(Err(Error::Unavailable("etcd closed the watch".into())))
-                            .await;
+                        let _ =
+                            tx.send(Err(Error::Unavailable("etcd closed the watch".into()))).await;
                         return;
                     }
                     Err(e) => {
@@ -255,17 +225,11 @@ impl Store for EtcdStore {
 
 impl EtcdStore {
     fn convert_event(&self, event: &etcd_client::Event) -> Result<WatchEvent> {
-        let kv = event
-            .kv()
-            .ok_or_else(|| Error::Internal("etcd event without a kv".into()))?;
+        let kv = event.kv().ok_or_else(|| Error::Internal("etcd event without a kv".into()))?;
         let key = self.strip(kv.key())?;
         let revision = revision(kv.mod_revision());
         Ok(match event.event_type() {
-            EventType::Put => WatchEvent::Put(Entry {
-                key,
-                value: kv.value().to_vec(),
-                revision,
-            }),
+            EventType::Put => WatchEvent::Put(Entry { key, value: kv.value().to_vec(), revision }),
             EventType::Delete => WatchEvent::Delete { key, revision },
         })
     }

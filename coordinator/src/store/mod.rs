@@ -147,8 +147,7 @@ pub trait StoreExt: Store {
         expect: Expect,
         value: &T,
     ) -> Result<CasOutcome> {
-        self.compare_and_swap(key, expect, encode_json(value)?)
-            .await
+        self.compare_and_swap(key, expect, encode_json(value)?).await
     }
 
     /// Every record under `prefix`, in key order, with its revision.
@@ -194,9 +193,7 @@ pub(crate) async fn increment(store: &dyn Store, key: &str) -> Result<u64> {
         let (next, expect) = match store.get_json::<u64>(key).await? {
             None => (1, Expect::Absent),
             Some((n, rev)) => {
-                let next = n
-                    .checked_add(1)
-                    .ok_or_else(|| Error::corrupt(key, "overflow"))?;
+                let next = n.checked_add(1).ok_or_else(|| Error::corrupt(key, "overflow"))?;
                 (next, Expect::Revision(rev))
             }
         };
@@ -204,8 +201,5 @@ pub(crate) async fn increment(store: &dyn Store, key: &str) -> Result<u64> {
             return Ok(next);
         }
     }
-    Err(Error::Contended {
-        key: key.to_owned(),
-        attempts: MAX_CAS_ATTEMPTS,
-    })
+    Err(Error::Contended { key: key.to_owned(), attempts: MAX_CAS_ATTEMPTS })
 }

@@ -53,12 +53,7 @@ impl EtcdProcess {
             .stderr(Stdio::from(log_file))
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
-        let mut process = EtcdProcess {
-            child,
-            endpoint: client_url,
-            log,
-            _dir: dir,
-        };
+        let mut process = EtcdProcess { child, endpoint: client_url, log, _dir: dir };
         process.wait_ready().await?;
         Ok(process)
     }
@@ -67,10 +62,7 @@ impl EtcdProcess {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "etcd exited with {status}; log:\n{}",
-                    self.log_tail()
-                ));
+                return Err(format!("etcd exited with {status}; log:\n{}", self.log_tail()));
             }
             let options = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_millis(500))

@@ -8,6 +8,7 @@ mod encoder;
 mod gelu;
 mod layernorm;
 mod matmul;
+pub mod matvec;
 
 use std::ops::Range;
 

@@ -5,7 +5,7 @@
 
 pub mod ring;
 
-pub use ring::{RingCollective, RingConfig};
+pub use ring::{RingAbort, RingCollective, RingConfig};
 
 use ferrite_kernels::Backend;
 

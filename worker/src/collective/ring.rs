@@ -214,6 +214,19 @@ fn chunk_range(len: usize, world: usize, c: usize) -> (usize, usize) {
     (c * len / world, (c + 1) * len / world)
 }
 
+/// Breaks a [`RingCollective`]'s connections from outside its thread (job cancelled).
+pub struct RingAbort {
+    streams: Vec<TcpStream>,
+}
+
+impl RingAbort {
+    pub fn abort(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 /// The ring all-reduce between `world` ranks; see the module docs.
 pub struct RingCollective {
     rank: usize,
@@ -304,6 +317,21 @@ impl RingCollective {
         }
         ring.links = Some((to_next, from_prev));
         Ok(ring)
+    }
+
+    /// A handle that breaks the ring from another thread: blocked sends and receives on
+    /// this rank fail at once (and so, through the closed sockets, do its neighbours').
+    pub fn abort_handle(&self) -> Result<RingAbort, WorkerError> {
+        let mut streams = Vec::new();
+        if let Some((a, b)) = &self.links {
+            for link in [a, b] {
+                let s = link.stream.try_clone().map_err(|e| {
+                    WorkerError::Collective(format!("rank {}: {}: {e}", self.rank, link.name()))
+                })?;
+                streams.push(s);
+            }
+        }
+        Ok(RingAbort { streams })
     }
 
     fn check(&self) -> Result<(), WorkerError> {
