@@ -262,14 +262,14 @@ impl Controller {
                 };
                 if job.state == JobState::Starting && up == job.workers.len() {
                     let reason = format!("all {up} ranks running");
-                    self.jobs.transition(&job.id, JobState::Running, &reason).await?;
+                    self.advance(&job.id, JobState::Running, &reason).await?;
                 }
                 Ok(())
             }
             FromWorker::Progress(task, report) => {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
                 if job.state == JobState::Starting {
-                    self.jobs.transition(&job.id, JobState::Running, "training").await?;
+                    self.advance(&job.id, JobState::Running, "training").await?;
                 }
                 {
                     let mut steps = lock(&self.steps);
@@ -307,7 +307,7 @@ impl Controller {
                 if succeeded {
                     if task.rank == 0 {
                         let reason = format!("finished at step {final_step}");
-                        self.jobs.transition(&job.id, JobState::Succeeded, &reason).await?;
+                        self.advance(&job.id, JobState::Succeeded, &reason).await?;
                         tracing::info!(job = %job.id, step = final_step, "job succeeded");
                     }
                     return Ok(());
@@ -315,6 +315,15 @@ impl Controller {
                 let why = format!("rank {} on {worker} failed: {message}", task.rank);
                 self.recover_or_fail(&job, &why).await
             }
+        }
+    }
+
+    /// Moves a job on, unless another report (another rank's, a cancel) moved it first: two
+    /// ranks race to report a job running, and losing that race is no error of the worker's.
+    async fn advance(&self, id: &JobId, to: JobState, reason: &str) -> Result<()> {
+        match self.jobs.transition(id, to, reason).await {
+            Ok(_) | Err(Error::IllegalTransition { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

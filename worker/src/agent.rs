@@ -105,9 +105,11 @@ pub async fn run(
         listener.local_addr().map_err(|source| AgentError::Listen { addr: cfg.listen, source })?;
     let advertise = match &cfg.advertise {
         Some(a) => a.clone(),
-        None if bound.ip().is_unspecified() => return Err(AgentError::Config(format!(
+        None if bound.ip().is_unspecified() => {
+            return Err(AgentError::Config(format!(
             "the collective listens on {bound}; say with --advertise HOST:PORT how peers reach it"
-        ))),
+        )))
+        }
         None => bound.to_string(),
     };
     let mut agent = Agent {
