@@ -302,7 +302,7 @@ fn cancel_stops_the_workers_and_frees_them() {
 }
 
 #[test]
-fn a_killed_worker_sends_the_job_to_recovering_and_it_finishes_on_the_spare() {
+fn a_killed_worker_sends_the_job_to_recovering_and_it_finishes_on_the_spare_bit_for_bit() {
     let mut cluster = Cluster::start(None, 3);
     cluster.prepare_data();
     let job = cluster.job("survivor", 2, 4, 400, "survivor");
@@ -336,11 +336,18 @@ fn a_killed_worker_sends_the_job_to_recovering_and_it_finishes_on_the_spare() {
     let why = recovering["reason"].as_str().unwrap();
     assert!(why.contains(&victim) || why.contains("connection closed"), "{why}");
     let resumed = history.iter().rev().find(|c| c["to"] == "STARTING").unwrap();
-    assert!(resumed["reason"].as_str().unwrap().contains("resuming from step"), "{resumed}");
+    let how = resumed["reason"].as_str().unwrap();
+    assert!(how.contains("resuming from step") && how.contains("on 2 workers"), "{how}");
     eprintln!("kill -> succeeded in {:?}", killed.elapsed());
     let steps: Vec<u64> =
         losses(&cluster.path("survivor/metrics.jsonl")).iter().map(|l| l.0).collect();
     assert_eq!(steps, (1..=400).collect::<Vec<_>>(), "every step logged once, in order");
+    // The same job, never interrupted, ends with the same bits.
+    let reference = cluster.job("reference", 2, 4, 400, "reference");
+    cluster.ok(&cluster.submit(&reference, true).0);
+    let (a, b) =
+        (final_weights(&cluster.path("survivor")), final_weights(&cluster.path("reference")));
+    assert!(a == b, "final weights differ from an uninterrupted run");
 }
 
 #[test]

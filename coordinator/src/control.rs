@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
 use crate::error::{Error, Result};
-use crate::job::{Checkpoint, Job, JobId, JobSpec, JobState, WorkerId};
+use crate::job::{now_unix_ms, Checkpoint, Job, JobId, JobSpec, JobState, WorkerId};
 use crate::scheduler::{schedule, Action, ClusterView, FreeWorker, QueueingStrategy};
 use crate::{CheckpointRegistry, JobRegistry, WorkerInfo, WorkerRegistry};
 
@@ -262,14 +262,14 @@ impl Controller {
                 };
                 if job.state == JobState::Starting && up == job.workers.len() {
                     let reason = format!("all {up} ranks running");
-                    self.advance(&job.id, JobState::Running, &reason).await?;
+                    self.advance(&job, JobState::Running, &reason).await?;
                 }
                 Ok(())
             }
             FromWorker::Progress(task, report) => {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
                 if job.state == JobState::Starting {
-                    self.advance(&job.id, JobState::Running, "training").await?;
+                    self.advance(&job, JobState::Running, "training").await?;
                 }
                 {
                     let mut steps = lock(&self.steps);
@@ -307,7 +307,7 @@ impl Controller {
                 if succeeded {
                     if task.rank == 0 {
                         let reason = format!("finished at step {final_step}");
-                        self.advance(&job.id, JobState::Succeeded, &reason).await?;
+                        self.advance(&job, JobState::Succeeded, &reason).await?;
                         tracing::info!(job = %job.id, step = final_step, "job succeeded");
                     }
                     return Ok(());
@@ -320,8 +320,8 @@ impl Controller {
 
     /// Moves a job on, unless another report (another rank's, a cancel) moved it first: two
     /// ranks race to report a job running, and losing that race is no error of the worker's.
-    async fn advance(&self, id: &JobId, to: JobState, reason: &str) -> Result<()> {
-        match self.jobs.transition(id, to, reason).await {
+    async fn advance(&self, job: &Job, to: JobState, reason: &str) -> Result<()> {
+        match self.jobs.transition_attempt(&job.id, job.attempt, to, reason).await {
             Ok(_) | Err(Error::IllegalTransition { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -351,8 +351,9 @@ impl Controller {
         } else {
             (JobState::Recovering, format!("{why}; restart {} of {max}", restarts + 1))
         };
-        match self.jobs.transition(&job.id, to, &reason).await {
-            Ok(_) => {
+        match self.jobs.transition_attempt(&job.id, job.attempt, to, &reason).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => {
                 tracing::warn!(job = %job.id, state = %to, reason, "job interrupted");
                 self.wake();
                 Ok(())
@@ -394,8 +395,22 @@ impl Controller {
                 })
                 .collect()
         };
-        let pending: Vec<_> =
-            jobs.iter().filter(|j| j.state.is_pending()).map(crate::jobs::pending_view).collect();
+        // A recovering job waits one heartbeat timeout for its full world size (the lost
+        // worker's peers are finishing their stale ranks, a restarted worker is registering)
+        // before it may shrink towards `min_workers`: the same world size resumes bit for bit.
+        let (now, grace) = (now_unix_ms(), self.workers.ttl().as_millis() as i64);
+        let pending: Vec<_> = jobs
+            .iter()
+            .filter(|j| j.state.is_pending())
+            .map(|j| {
+                let mut view = crate::jobs::pending_view(j);
+                if view.resuming {
+                    let since = j.history.last().map_or(0, |c| c.at_unix_ms);
+                    view.resuming = now - since >= grace;
+                }
+                view
+            })
+            .collect();
         if pending.is_empty() {
             return Ok(());
         }

@@ -96,6 +96,32 @@ impl JobRegistry {
         .await
     }
 
+    /// Like [`JobRegistry::transition`], but only while the job is still on `attempt`: a
+    /// report about an attempt that ended meanwhile changes nothing (returns `None`).
+    pub async fn transition_attempt(
+        &self,
+        id: &JobId,
+        attempt: u32,
+        to: JobState,
+        reason: &str,
+    ) -> Result<Option<Job>> {
+        let mut stale = false;
+        let job = self
+            .update(id, |job, now| {
+                stale = job.attempt != attempt;
+                if stale {
+                    return Ok(false);
+                }
+                apply(job, to, reason, now)?;
+                if to == JobState::Recovering {
+                    job.workers.clear();
+                }
+                Ok(true)
+            })
+            .await?;
+        Ok((!stale).then_some(job))
+    }
+
     /// Moves a pending job to Starting on `workers` (index = rank) as a new attempt.
     pub async fn start(&self, id: &JobId, workers: Vec<WorkerId>, reason: &str) -> Result<Job> {
         if workers.is_empty() {

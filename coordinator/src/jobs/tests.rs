@@ -211,3 +211,18 @@ async fn jobs_survive_a_coordinator_restart() {
     assert_eq!((job.state, job.attempt), (JobState::Starting, 1));
     assert_eq!(reg.submit(spec(1, 0)).await.unwrap().id.as_str(), "job-000002");
 }
+
+#[tokio::test]
+async fn a_report_about_an_ended_attempt_changes_nothing() {
+    let (_dir, reg) = registry();
+    let id = reg.submit(spec(1, 0)).await.unwrap().id;
+    reg.start(&id, ws(&["a"]), "go").await.unwrap();
+    let moved = reg.transition_attempt(&id, 1, JobState::Recovering, "a lost").await.unwrap();
+    assert_eq!(moved.map(|j| j.state), Some(JobState::Recovering));
+    reg.start(&id, ws(&["b"]), "again").await.unwrap();
+    // Attempt 1's late failure report must not interrupt attempt 2.
+    let stale = reg.transition_attempt(&id, 1, JobState::Recovering, "late").await.unwrap();
+    assert!(stale.is_none());
+    let job = reg.get(&id).await.unwrap();
+    assert_eq!((job.state, job.attempt, job.workers), (JobState::Starting, 2, ws(&["b"])));
+}
