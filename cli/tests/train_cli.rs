@@ -154,6 +154,16 @@ fn bad_job_files_fail_with_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("data"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // One line even when the operator asked for backtraces.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["train", "nodata.toml"])
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: ") && !err.contains("Stack backtrace"), "{err}");
 }
 
 #[test]
