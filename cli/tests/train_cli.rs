@@ -1,21 +1,10 @@
 //! `ferrite train` and `ferrite generate` as an operator runs them.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn ferrite(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run ferrite")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
+mod common;
+use common::{ferrite, ok};
 
 const JOB: &str = r#"
 [model]
