@@ -3,14 +3,55 @@
 # training step, and nanoGPT's char Shakespeare config (2000 steps). Prints a Markdown table
 # of both figures and their ratio; BENCHMARKS.md records its output.
 #   bench/run.sh [path/to/tinyshakespeare.txt]     (THREADS=2 by default)
+#
+# `bench/run.sh decode` instead sets the serving decode speed (`ferrite bench decode`) beside
+# Hugging Face transformers (`bench/hf_decode.py`): ROUNDS (3) rounds, each running Ferrite
+# then transformers back to back, so both see the same load; every round's figures and
+# ratio, then the medians (each run's JSON goes to stderr).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${1:-../shared/data/tinyshakespeare.txt}
 threads=${THREADS:-2}
 bash bench/setup.sh >&2
 cargo build --release --bin ferrite >&2
 F=target/release/ferrite
 P=.venv/bin/python
+
+if [ "${1:-}" = decode ]; then
+    rounds=${ROUNDS:-3}
+    out=$(mktemp)
+    trap 'rm -f "$out"' EXIT
+    for r in $(seq "$rounds"); do
+        echo "round $r/$rounds: ferrite, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+        $F bench decode --threads "$threads" --reps 1 | tail -n 1 | tee -a "$out" >&2
+        echo "round $r/$rounds: transformers, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+        $P bench/hf_decode.py --threads "$threads" --reps 1 | tail -n 1 | tee -a "$out" >&2
+    done
+    OUT="$out" python3 - <<'PY'
+import json, os, statistics
+runs = [json.loads(l) for l in open(os.environ["OUT"])]
+f, h = runs[0::2], runs[1::2]
+med = statistics.median_high
+def row(name, key, fmt, better):
+    fs, hs = [r[key] for r in f], [r[key] for r in h]
+    ratios = [a / b for a, b in zip(fs, hs)]
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"| {name} | {med(fs):{fmt}} | {med(hs):{fmt}} | {med(ratios):.2f}× {better} ({each}) |")
+print("| decode, GPT-2-124M shape | Ferrite | transformers | Ferrite / transformers (each round) |")
+print("|---|---|---|---|")
+row("batch 1, tokens/s", "batch1_tokens_per_s", ".1f", "throughput")
+row(f"{f[0]['streams']} streams, aggregate tokens/s", "aggregate_tokens_per_s", ".1f", "throughput")
+for i, t in enumerate(f[0]["ttft"]):
+    n = t["prompt"]
+    fs = [r["ttft"][i]["ms"] for r in f]
+    hs = [r["ttft"][i]["ms"] for r in h]
+    ratios = [a / b for a, b in zip(fs, hs)]
+    each = ", ".join(f"{x:.2f}" for x in ratios)
+    print(f"| time to first token, {n}-token prompt, ms | {med(fs):.0f} | {med(hs):.0f} | {med(ratios):.2f}× time ({each}) |")
+PY
+    exit 0
+fi
+
+data=${1:-../shared/data/tinyshakespeare.txt}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 last() { tail -n 1; }

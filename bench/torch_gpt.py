@@ -7,6 +7,8 @@ Rust implementation can be compared against it in the same run.
 Subcommands (each prints exactly one JSON line on stdout; progress goes to stderr):
   char    -- char-level Shakespeare training (nanoGPT's small CPU config)
   gpt2    -- time full training steps of the GPT-2-124M shape on random tokens
+  ddp     -- the same step data-parallel over `--world` processes (DDP, gloo), one thread
+             each, at a fixed global batch: the scaling peer of `ferrite bench step --world`
   matmul  -- f32 matrix-multiply throughput
 """
 
@@ -310,6 +312,78 @@ def cmd_gpt2(args):
     })
 
 
+# --------------------------------------------------------------------------- ddp
+
+
+def ddp_rank(rank, args, port, queue):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    cfg = GPTConfig(
+        vocab_size=pad_vocab(args.vocab_size),
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+    )
+    torch.manual_seed(args.seed)
+    model = DistributedDataParallel(GPT(cfg))
+    opt = make_optimizer(model.module, args.lr, args.weight_decay)
+    B, T = args.global_batch // args.world, args.seq_len
+    g = torch.Generator().manual_seed(args.seed + rank)
+    x = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    times = []
+    for it in range(args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, x, y, args.grad_clip)
+        times.append(time.perf_counter() - t0)
+        if rank == 0:
+            log(f"ddp world {args.world} step {it}: loss {loss:.4f}, {times[-1] * 1e3:.1f} ms")
+    queue.put((rank, times))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def cmd_ddp(args):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if args.global_batch % args.world:
+        sys.exit("--global-batch must be a multiple of --world")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=ddp_rank, args=(r, args, port, queue)) for r in range(args.world)]
+    for pr in procs:
+        pr.start()
+    per_rank = dict(queue.get() for _ in procs)
+    for pr in procs:
+        pr.join()
+    # A step ends when its slowest rank does; drop the warm-up step.
+    slowest = [max(per_rank[r][i] for r in per_rank) for i in range(args.steps)]
+    ms = 1e3 * statistics.median(slowest[1:] if len(slowest) > 1 else slowest)
+    emit({
+        "peer": "pytorch",
+        "bench": "ddp_step",
+        "world": args.world,
+        "global_batch": args.global_batch,
+        "seq_len": args.seq_len,
+        "ms_per_step": round(ms, 3),
+        "threads_per_rank": args.threads,
+        "torch": torch.__version__,
+    })
+
+
 # --------------------------------------------------------------------------- matmul
 
 
@@ -387,6 +461,21 @@ def main():
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
 
+    d = sub.add_parser("ddp", help="data-parallel GPT-2-124M step over gloo")
+    common(d)
+    d.add_argument("--world", type=int, default=2)
+    d.add_argument("--global-batch", type=int, default=8)
+    d.add_argument("--steps", type=int, default=3)
+    d.add_argument("--n-layer", type=int, default=12)
+    d.add_argument("--n-head", type=int, default=12)
+    d.add_argument("--n-embd", type=int, default=768)
+    d.add_argument("--vocab-size", type=int, default=50304)
+    d.add_argument("--block-size", type=int, default=1024)
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--lr", type=float, default=6e-4)
+    d.add_argument("--weight-decay", type=float, default=0.1)
+    d.add_argument("--grad-clip", type=float, default=1.0)
+
     mm = sub.add_parser("matmul", help="f32 matmul GFLOP/s")
     common(mm)
     mm.add_argument("--m", type=int, default=1024)
@@ -397,7 +486,7 @@ def main():
 
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"char": cmd_char, "gpt2": cmd_gpt2, "matmul": cmd_matmul}[args.cmd](args)
+    {"char": cmd_char, "gpt2": cmd_gpt2, "ddp": cmd_ddp, "matmul": cmd_matmul}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a fresh Debian machine:
 # protoc (etcd-client and our .proto files), etcd (store conformance tests), python3-venv
-# (NVRTC from PyPI for the CUDA compile check).
+# (NVRTC from PyPI for the CUDA compile check), a font for plots and Chromium for the dashboard
+# test.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
@@ -9,6 +10,10 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 # python3 with venv: scripts/nvrtc.sh installs NVRTC from PyPI to compile-check the CUDA kernels.
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# A TrueType font: `ferrite job plot` draws its text with it (read at run time, no fontconfig).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# Headless Chromium: the dashboard test (cli/tests/observability.rs) loads and screenshots /ui.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

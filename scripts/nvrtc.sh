@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks every CUDA kernel with NVRTC, on any machine (no GPU, no CUDA toolkit):
 # installs NVRTC from PyPI into target/nvrtc-venv (once), points the loader at its
-# libnvrtc.so.13 and runs kernels/tests/nvrtc.rs with the `cuda` feature.
+# libnvrtc.so.13 and runs kernels/tests/nvrtc.rs with the `cuda` feature. Then builds every
+# crate's `cuda` feature and its GPU tests (which skip here: no GPU).
 #
 # NVRTC 13.0 matches the GPU machines' driver (580, CUDA 13.0): PTX from a newer NVRTC can be
 # refused by an older driver. NVRTC_PIP_SPEC overrides the pin. Extra arguments go to
@@ -30,5 +31,15 @@ libdir="$(cd "$(dirname "$lib")" && pwd)"
 echo "nvrtc.sh: using $lib" >&2
 
 # CI=true makes the test fail rather than skip if the library still cannot be loaded.
+# cuda_parity runs too: without a GPU its tests only say they skip, but it must compile.
+# --lib adds the CUDA backend's host-side unit tests (cuBLAS call shapes, token buckets).
 LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CI=true \
-    cargo test -p ferrite-kernels --features cuda --test nvrtc "$@"
+    cargo test -p ferrite-kernels --features cuda --lib --test nvrtc --test cuda_parity "$@"
+
+# The rest of the `cuda` feature compiles: the model-level GPU test, the NCCL collective (and
+# its id's round trip through bytes, which needs no GPU) and the CLI's device wiring. These build
+# in the test profile, so they reuse the dependencies `cargo test --workspace` built. The
+# GPU tests themselves run on a GPU machine: scripts/gpu-prepare.sh, scripts/gpu-check.sh.
+cargo test -p ferrite-model --features cuda --test cuda_training "$@"
+cargo test -p ferrite-worker --features cuda --test cuda_nccl "$@"
+cargo test -p ferrite-cli --features cuda --bins --no-run "$@"

@@ -39,6 +39,11 @@ enum Command {
     Job(cmd::job::JobArgs),
     /// Published checkpoints on a coordinator.
     Checkpoints(cmd::job::CheckpointsArgs),
+    /// Ask a coordinator or inference server whether it serves (gRPC health); exit 0 if so.
+    Health(cmd::health::HealthArgs),
+    /// The whole system on this machine: coordinator, two workers, a training job, a
+    /// server and a generation from the trained model.
+    Quickstart(cmd::quickstart::QuickstartArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,5 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => cmd::worker::run(args),
         Command::Job(args) => cmd::job::run(args),
         Command::Checkpoints(args) => cmd::job::checkpoints(args),
+        Command::Health(args) => cmd::health::run(args),
+        Command::Quickstart(args) => cmd::quickstart::run(args),
     }
 }

@@ -56,6 +56,20 @@ impl CheckpointRegistry {
         entries.into_iter().map(|(key, ckpt, _)| checked(&key, job, ckpt)).collect()
     }
 
+    /// Forgets all but the newest `keep` checkpoints of a job (0 keeps all), as the worker
+    /// that wrote them deletes the older folders (`[output] keep_checkpoints`): the registry
+    /// never lists a checkpoint that is gone.
+    pub async fn prune(&self, job: &JobId, keep: usize) -> Result<()> {
+        let all = self.list(job).await?;
+        if keep == 0 || all.len() <= keep {
+            return Ok(());
+        }
+        for old in &all[..all.len() - keep] {
+            self.store.delete(&keys::checkpoint(job, old.step)).await?;
+        }
+        Ok(())
+    }
+
     /// The job's checkpoint with the highest step.
     pub async fn latest(&self, job: &JobId) -> Result<Option<Checkpoint>> {
         // Keys are zero-padded steps, so the last listed is the newest.
@@ -134,6 +148,22 @@ mod tests {
         assert_eq!(latest.step, 2000);
         assert!(latest.created_unix_ms > 0);
         assert!(reg.list(&JobId::from_seq(99)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_as_the_worker_does_on_disk() {
+        let (_dir, store, job) = setup().await;
+        let reg = CheckpointRegistry::new(store);
+        for step in [10, 20, 30, 40] {
+            reg.record(ckpt(&job, step, 1.0)).await.unwrap();
+        }
+        reg.prune(&job, 0).await.unwrap();
+        assert_eq!(reg.list(&job).await.unwrap().len(), 4, "0 keeps all");
+        reg.prune(&job, 2).await.unwrap();
+        let steps: Vec<u64> = reg.list(&job).await.unwrap().iter().map(|c| c.step).collect();
+        assert_eq!(steps, [30, 40]);
+        reg.prune(&job, 5).await.unwrap();
+        assert_eq!(reg.list(&job).await.unwrap().len(), 2);
     }
 
     #[tokio::test]

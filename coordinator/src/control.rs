@@ -14,15 +14,16 @@
 //! once, so a killed process is noticed as soon as its socket closes and a silent one when
 //! its lease expires.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
 use crate::error::{Error, Result};
 use crate::job::{now_unix_ms, Checkpoint, Job, JobId, JobSpec, JobState, WorkerId};
+use crate::leader::Role;
 use crate::scheduler::{schedule, Action, ClusterView, FreeWorker, QueueingStrategy};
 use crate::{CheckpointRegistry, JobRegistry, WorkerInfo, WorkerRegistry};
 
@@ -58,7 +59,15 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ToWorker {
     Assign(Assignment),
-    Cancel { job: JobId, attempt: u32, reason: String },
+    Cancel {
+        job: JobId,
+        attempt: u32,
+        reason: String,
+    },
+    /// The heartbeat sent at `sent_unix_ms` (the worker's clock) renewed the lease.
+    HeartbeatAck {
+        sent_unix_ms: i64,
+    },
 }
 
 /// Metrics of one optimizer step, from rank 0.
@@ -76,7 +85,10 @@ pub struct StepReport {
 /// What a worker reports.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FromWorker {
-    Heartbeat,
+    /// Stamped with the worker's clock, echoed in the acknowledgement.
+    Heartbeat {
+        sent_unix_ms: i64,
+    },
     /// Rendezvous done, training loop entered.
     Running(TaskRef),
     Progress(TaskRef, StepReport),
@@ -120,6 +132,18 @@ struct Session {
     task: Option<TaskRef>,
     /// A cancellation for `task` went out.
     cancel_sent: bool,
+    /// When the worker's last message (a heartbeat or a report) arrived.
+    heard: Instant,
+}
+
+/// An attached worker as the control loop sees it, for metrics and the dashboard.
+#[derive(Clone, Debug)]
+pub struct SessionView {
+    pub info: WorkerInfo,
+    /// The rank it runs.
+    pub task: Option<TaskRef>,
+    /// Since its last message (heartbeat or report).
+    pub silent_for: Duration,
 }
 
 /// What `attach` hands the stream: its serial and the messages for the worker.
@@ -138,7 +162,7 @@ pub struct Controller {
     /// Ranks up, per (job, attempt).
     ranks_up: Mutex<HashMap<(JobId, u32), HashSet<u32>>>,
     /// Recent step metrics per job.
-    steps: Mutex<HashMap<JobId, Vec<StepReport>>>,
+    steps: Mutex<HashMap<JobId, VecDeque<StepReport>>>,
     events: broadcast::Sender<JobEvent>,
     wake: Notify,
     serials: AtomicU64,
@@ -189,11 +213,42 @@ impl Controller {
 
     /// The step metrics of a job seen since this coordinator started.
     pub fn recent_steps(&self, job: &JobId) -> Vec<StepReport> {
-        lock(&self.steps).get(job).cloned().unwrap_or_default()
+        lock(&self.steps).get(job).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// Runs the loop until `stopping` becomes true.
-    pub async fn run(self: Arc<Self>, mut stopping: watch::Receiver<bool>) {
+    /// The newest step metrics of a job seen since this coordinator started.
+    pub fn last_step(&self, job: &JobId) -> Option<StepReport> {
+        lock(&self.steps).get(job).and_then(|s| s.back().cloned())
+    }
+
+    /// The attached workers, by id.
+    pub fn sessions(&self) -> Vec<SessionView> {
+        let mut views: Vec<SessionView> = lock(&self.sessions)
+            .values()
+            .map(|s| SessionView {
+                info: s.info.clone(),
+                task: s.task.clone(),
+                silent_for: s.heard.elapsed(),
+            })
+            .collect();
+        views.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        views
+    }
+
+    /// Runs the loop until `stopping` becomes true, from the moment `role` says this
+    /// coordinator leads.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stopping: watch::Receiver<bool>,
+        mut role: watch::Receiver<Role>,
+    ) {
+        if !role.borrow().is_leader() {
+            tokio::select! {
+                led = role.wait_for(Role::is_leader) => if led.is_err() { return },
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+        }
+        self.extend_leases().await;
         loop {
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %e, "control loop");
@@ -202,6 +257,22 @@ impl Controller {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
                 _ = stopping.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// A coordinator that just started (or was just elected) cannot tell which workers
+    /// lived through its absence: each registered one gets a full lease period from now to
+    /// reattach, so a running job survives a coordinator restart without a restart of its
+    /// own.
+    async fn extend_leases(&self) {
+        let workers = match self.workers.list().await {
+            Ok(workers) => workers,
+            Err(e) => return tracing::warn!(error = %e, "listing workers to extend their leases"),
+        };
+        for w in workers {
+            if let Err(e) = self.workers.heartbeat(&w).await {
+                tracing::debug!(worker = %w.id, error = %e, "extending lease");
             }
         }
     }
@@ -216,7 +287,8 @@ impl Controller {
         if let Some(task) = &running {
             tracing::info!(worker = %worker, job = %task.job, rank = task.rank, "worker reattached");
         }
-        let session = Session { serial, info, tx, task: running, cancel_sent: false };
+        let session =
+            Session { serial, info, tx, task: running, cancel_sent: false, heard: Instant::now() };
         lock(&self.sessions).insert(worker.clone(), session);
         self.wake();
         Ok(Attached { serial, rx })
@@ -244,13 +316,20 @@ impl Controller {
     /// Acts on one report from `worker`. An error ends the worker's stream (its lease
     /// expired: it must register again).
     pub async fn handle(&self, worker: &WorkerId, msg: FromWorker) -> Result<()> {
+        if let Some(s) = lock(&self.sessions).get_mut(worker) {
+            s.heard = Instant::now();
+        }
         match msg {
-            FromWorker::Heartbeat => {
+            FromWorker::Heartbeat { sent_unix_ms } => {
                 let info = lock(&self.sessions).get(worker).map(|s| s.info.clone());
-                match info {
-                    Some(info) => self.workers.heartbeat(&info).await,
-                    None => Err(Error::NotFound { kind: "worker session", id: worker.to_string() }),
+                let Some(info) = info else {
+                    return Err(Error::NotFound { kind: "worker session", id: worker.to_string() });
+                };
+                self.workers.heartbeat(&info).await?;
+                if let Some(s) = lock(&self.sessions).get(worker) {
+                    let _ = s.tx.send(ToWorker::HeartbeatAck { sent_unix_ms });
                 }
+                Ok(())
             }
             FromWorker::Running(task) => {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
@@ -260,7 +339,9 @@ impl Controller {
                     set.insert(task.rank);
                     set.len()
                 };
-                if job.state == JobState::Starting && up == job.workers.len() {
+                // A resumed attempt counts as running from its first step, whose reason
+                // reports how long the recovery took.
+                if job.state == JobState::Starting && up == job.workers.len() && job.attempt <= 1 {
                     let reason = format!("all {up} ranks running");
                     self.advance(&job, JobState::Running, &reason).await?;
                 }
@@ -269,26 +350,42 @@ impl Controller {
             FromWorker::Progress(task, report) => {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
                 if job.state == JobState::Starting {
-                    self.advance(&job, JobState::Running, "training").await?;
+                    let reason = match noticed_failure_at(&job) {
+                        Some(at) => format!(
+                            "resumed: step {} done {:.1} s after the failure was noticed",
+                            report.step,
+                            (now_unix_ms() - at) as f64 / 1000.0
+                        ),
+                        None => "training".to_owned(),
+                    };
+                    tracing::info!(job = %job.id, attempt = job.attempt, reason, "first step");
+                    self.advance(&job, JobState::Running, &reason).await?;
                 }
                 {
                     let mut steps = lock(&self.steps);
                     let kept = steps.entry(job.id.clone()).or_default();
-                    kept.retain(|r| r.step < report.step);
-                    if kept.len() >= KEPT_STEPS {
-                        kept.remove(0);
+                    // A resume repeats the steps after its checkpoint: drop the old ones.
+                    while kept.back().is_some_and(|r| r.step >= report.step) {
+                        kept.pop_back();
                     }
-                    kept.push(report.clone());
+                    if kept.len() >= KEPT_STEPS {
+                        kept.pop_front();
+                    }
+                    kept.push_back(report.clone());
                 }
                 let _ = self.events.send(JobEvent::Step(job.id, report));
                 Ok(())
             }
             FromWorker::CheckpointWritten { attempt, checkpoint } => {
                 let task = TaskRef { job: checkpoint.job_id.clone(), attempt, rank: 0 };
-                if self.current(&task).await?.is_none() {
-                    return Ok(());
-                }
+                let Some(current) = self.current(&task).await? else { return Ok(()) };
+                let job = checkpoint.job_id.clone();
                 let published = self.checkpoints.record(checkpoint).await?;
+                let keep = job_file(&current.spec).map_or(0, |f| f.output.keep_checkpoints);
+                if let Err(e) = self.checkpoints.prune(&job, keep).await {
+                    // Not the worker's fault: the next publish prunes again.
+                    tracing::warn!(job = %job, error = %e, "pruning the checkpoint registry");
+                }
                 tracing::info!(job = %published.job_id, step = published.step, "checkpoint published");
                 let _ = self.events.send(JobEvent::Checkpoint(published));
                 Ok(())
@@ -306,6 +403,10 @@ impl Controller {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
                 if succeeded {
                     if task.rank == 0 {
+                        if job.state == JobState::Starting {
+                            // Resumed from its final checkpoint: no step was left to run.
+                            self.advance(&job, JobState::Running, "resumed at the end").await?;
+                        }
                         let reason = format!("finished at step {final_step}");
                         self.advance(&job, JobState::Succeeded, &reason).await?;
                         tracing::info!(job = %job.id, step = final_step, "job succeeded");
@@ -498,12 +599,23 @@ impl Controller {
     }
 }
 
+/// When the job's newest failure moved it to Recovering, if it did.
+fn noticed_failure_at(job: &Job) -> Option<i64> {
+    let last = job.history.iter().rev().find(|c| c.to == JobState::Recovering)?;
+    (job.attempt > 1).then_some(last.at_unix_ms)
+}
+
 /// Heartbeats go out five times per lease, so one lost or late beat never drops a worker.
 pub fn heartbeat_interval(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(50))
 }
 
+/// The job file the spec carries (checked at submission, so it parses).
+fn job_file(spec: &JobSpec) -> Option<ferrite_model::JobSpec> {
+    ferrite_model::JobSpec::parse(&spec.toml).ok()
+}
+
 /// The job file's `[train] seed` (every rank samples from it with its own rank).
 fn data_seed(spec: &JobSpec) -> u64 {
-    ferrite_model::JobSpec::parse(&spec.toml).map(|f| f.train.seed).unwrap_or(0)
+    job_file(spec).map_or(0, |f| f.train.seed)
 }

@@ -69,7 +69,7 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found (it reads the CLI's
 # Every profile, so `down` and `logs` see every service.
 dc() {
   "${compose[@]}" -p "$project" -f deploy/compose/docker-compose.yml \
-    --profile ha --profile serve --profile tools "$@"
+    --profile serve --profile tools "$@"
 }
 cid() { dc ps -q "$1" 2>/dev/null | head -n 1; }
 # The CLI inside the coordinator's container (it has the binary and the cluster network).
@@ -86,7 +86,7 @@ cleanup() {
   fi
   if [ "$keep" -eq 1 ]; then
     log "--keep: cluster left up; remove it with: ${compose[*]} -p $project" \
-      "-f deploy/compose/docker-compose.yml --profile ha --profile serve --profile tools down -v"
+      "-f deploy/compose/docker-compose.yml --profile serve --profile tools down -v"
   else
     log "docker compose down -v"
     dc down -v --remove-orphans >/dev/null 2>&1 || log "warning: compose down failed"

@@ -4,7 +4,9 @@
 //! whose deadline passed, and admits queued requests while the batch has room and their KV
 //! caches fit the memory budget. A step feeds every decoding sequence its last token and
 //! gives prefilling sequences at most `prefill_chunk` prompt tokens in all (chunked prefill,
-//! so a long prompt delays the others by at most one step's worth). Sequences sampled on
+//! so a long prompt delays the others by at most one step's worth); when no sequence is
+//! decoding, nobody waits on the step and prefill takes up to [`IDLE_PREFILL_CHUNK`] tokens
+//! (fewer steps, each reading every weight once). Sequences sampled on
 //! different checkpoints (during a switch) run in one step per checkpoint: each request
 //! finishes on the weights it started with.
 
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use ferrite_data::Tokenizer;
 use ferrite_model::checkpoint::TOKENIZER_FILE;
 use ferrite_model::generate::{BatchDecoder, DecodeModel, KvCache, LongPrompt, Sequence};
+use ferrite_model::sample::Sampled;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{InferenceError, Result};
@@ -27,6 +30,9 @@ use crate::request::{
 };
 use crate::text::TextStream;
 
+/// Prompt tokens per step when no sequence is decoding.
+pub const IDLE_PREFILL_CHUNK: usize = 512;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Most sequences in the running batch.
@@ -35,7 +41,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Memory for every running sequence's KV cache together.
     pub kv_cache_bytes: usize,
-    /// Most prompt tokens prefilled per step, over all sequences.
+    /// Most prompt tokens prefilled per step, over all sequences, while any sequence is
+    /// decoding (else up to [`IDLE_PREFILL_CHUNK`] if that is more).
     pub prefill_chunk: usize,
     /// Decode threads (0: one per core).
     pub threads: usize,
@@ -436,7 +443,9 @@ impl Scheduler {
 
     /// One batched step of the sequences running on `model`.
     fn step(&mut self, model: &Arc<ServedModel>) {
-        let mut budget = self.shared.cfg.prefill_chunk;
+        let chunk = self.shared.cfg.prefill_chunk;
+        let decoding = self.active.iter().any(|a| a.seq.pending() <= 1);
+        let mut budget = if decoding { chunk } else { chunk.max(IDLE_PREFILL_CHUNK) };
         let mut members = Vec::new();
         let mut inputs = Vec::new();
         // Decoding sequences first (one token each), then prefill in arrival order.
@@ -479,21 +488,30 @@ impl Scheduler {
                 return;
             }
         };
+        // Members are in increasing index order, as are their rows of logits.
+        let wanting: Vec<usize> = members.iter().filter(|m| m.1).map(|m| m.0).collect();
+        let mut seqs: Vec<&mut Sequence> = self
+            .active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| wanting.binary_search(i).is_ok())
+            .map(|(_, a)| &mut a.seq)
+            .collect();
+        let sampled = self.decoder.sample(&mut seqs, &logits);
+        drop(seqs);
         let mut finished = Vec::new();
-        let mut rows = logits.iter();
-        for &(i, wants) in &members {
-            if wants && self.emit(i, rows.next().expect("one logits row per request")) {
+        for (&i, s) in wanting.iter().zip(sampled) {
+            if self.emit(i, s) {
                 finished.push(i);
             }
         }
         self.remove(&finished);
     }
 
-    /// Samples request `i`'s next token and sends it; true when the request is done.
-    fn emit(&mut self, i: usize, logits: &[f32]) -> bool {
+    /// Sends request `i`'s newly sampled token; true when the request is done.
+    fn emit(&mut self, i: usize, s: Sampled) -> bool {
         let metrics = self.shared.metrics.clone();
         let a = &mut self.active[i];
-        let s = a.seq.sample(logits);
         let now = Instant::now();
         match a.last_token {
             None => metrics.time_to_first_token.observe(now - a.arrived),

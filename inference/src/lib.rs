@@ -13,7 +13,10 @@
 //! - [`metrics`]: Prometheus histograms and gauges.
 //! - [`rpc`]: the gRPC service, conversions, status mapping, the coordinator client.
 //! - [`http`]: `POST /v1/completions` (JSON or server-sent events) and `GET /metrics`.
+//! - [`bench`]: the decode benchmark of `ferrite bench decode` (throughput, time to first
+//!   token).
 
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod http;

@@ -7,7 +7,8 @@
 //! - [`Backend`]: buffers, views and the ops (encoder, layernorm, matmul, attention, GELU,
 //!   residual, fused softmax + cross-entropy, AdamW, gradient norm).
 //! - [`cpu`]: the readable reference and the fast CPU path (the `gemm` crate + rayon).
-//! - [`cuda`]: the CUDA backend's entry point; without a GPU it returns [`KernelError::NoCuda`].
+//! - [`cuda`]: the CUDA backend (feature `cuda`: cudarc, cuBLAS, NVRTC-compiled kernels);
+//!   without the feature or without a GPU it returns [`KernelError::NoCuda`].
 //!
 //! Conventions shared by every backend:
 //! - Buffers hold `f32`; token ids and targets are `i32`, with [`IGNORE_INDEX`] (-1) marking a
@@ -35,6 +36,9 @@ pub const IGNORE_INDEX: i32 = -1;
 pub enum KernelError {
     #[error("no CUDA device available: {0}")]
     NoCuda(String),
+    /// A CUDA call failed on a device that was usable (a launch, a copy, a kernel fault).
+    #[error("CUDA error: {0}")]
+    Cuda(String),
     #[error("could not start the CPU thread pool: {0}")]
     ThreadPool(String),
     #[error("buffer size mismatch: expected {expected} elements, got {got}")]

@@ -39,8 +39,9 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Dot product with `LANES` independent accumulators (a fixed summation order).
-#[inline]
+/// Dot product with `LANES` independent accumulators (a fixed summation order). Always
+/// inlined, so that it takes the instruction set of a `multiversion!` caller.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; LANES];

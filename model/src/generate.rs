@@ -17,13 +17,15 @@ use std::sync::Arc;
 
 use ferrite_kernels::cpu::{attention_cached, matvec};
 use ferrite_kernels::{Backend, CpuBackend};
+use rayon::prelude::*;
 
 use crate::checkpoint;
 use crate::layout::{ParamLayout, Tensor};
 use crate::sample::{sample, Sampled, SamplingParams};
 use crate::{GptConfig, ModelError};
 
-/// Weights for decoding.
+/// Weights for decoding: the parameter buffer with each linear layer's (in, out) matrix
+/// rearranged in place into the panels of [`matvec::forward_packed`] (same ranges).
 pub struct DecodeModel {
     pub cfg: GptConfig,
     layout: ParamLayout,
@@ -42,6 +44,8 @@ impl DecodeModel {
                 layout.len()
             )));
         }
+        let mut params = params;
+        pack_linear_weights(&cfg, &layout, &mut params);
         Ok(DecodeModel { cfg, layout, params })
     }
 
@@ -54,6 +58,26 @@ impl DecodeModel {
     /// Bytes of a KV cache of `cap` positions.
     pub fn kv_bytes(&self, cap: usize) -> usize {
         2 * self.cfg.n_layer * cap * self.cfg.n_embd * std::mem::size_of::<f32>()
+    }
+}
+
+/// The linear layers' (in, out) weights, rearranged in place for [`matvec::forward_packed`]
+/// (each layer's matrix keeps its range of the buffer).
+fn pack_linear_weights(cfg: &GptConfig, layout: &ParamLayout, params: &mut [f32]) {
+    let c = cfg.n_embd;
+    let mut tmp = Vec::new();
+    for (tensor, (inp, out)) in [
+        (Tensor::QkvW, (c, 3 * c)),
+        (Tensor::AttProjW, (c, c)),
+        (Tensor::FcW, (c, 4 * c)),
+        (Tensor::FcProjW, (4 * c, c)),
+    ] {
+        for l in 0..cfg.n_layer {
+            let w = &mut params[layout.at(tensor, l)];
+            tmp.clear();
+            tmp.extend_from_slice(w);
+            matvec::pack_in_out(w, &tmp, inp, out);
+        }
     }
 }
 
@@ -192,6 +216,15 @@ impl BatchDecoder {
     }
 }
 
+impl BatchDecoder {
+    /// Samples the next token of each of `seqs` from its row of `logits` (as
+    /// [`Sequence::sample`]), the sequences in parallel on the decoder's threads.
+    pub fn sample(&self, seqs: &mut [&mut Sequence], logits: &[Vec<f32>]) -> Vec<Sampled> {
+        assert_eq!(seqs.len(), logits.len(), "one row of logits per sequence");
+        self.be.run(|| seqs.par_iter_mut().zip(logits).map(|(s, l)| s.sample(l)).collect())
+    }
+}
+
 /// The batched forward; returns how many logit rows it wrote.
 fn forward(
     be: &CpuBackend,
@@ -229,7 +262,7 @@ fn forward(
             c,
         );
         let qkv = &mut s.qkv[..3 * n];
-        matvec::forward_in_out(
+        matvec::forward_packed(
             qkv,
             &s.ln[..n],
             w(Tensor::QkvW, l),
@@ -264,7 +297,7 @@ fn forward(
             r0 += t;
         }
         let proj = &mut s.proj[..n];
-        matvec::forward_in_out(
+        matvec::forward_packed(
             proj,
             &s.att[..n],
             w(Tensor::AttProjW, l),
@@ -286,7 +319,7 @@ fn forward(
             c,
         );
         let fch = &mut s.fch[..4 * n];
-        matvec::forward_in_out(
+        matvec::forward_packed(
             fch,
             &s.ln[..n],
             w(Tensor::FcW, l),
@@ -297,7 +330,7 @@ fn forward(
         );
         be.gelu_forward(&mut s.fchg[..4 * n], &s.fch[..4 * n], 4 * n);
         let proj = &mut s.proj[..n];
-        matvec::forward_in_out(
+        matvec::forward_packed(
             proj,
             &s.fchg[..4 * n],
             w(Tensor::FcProjW, l),

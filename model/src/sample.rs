@@ -45,15 +45,37 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
-/// The sampling distribution after temperature, top-k and top-p: (token, probability)
-/// pairs, most likely first, probabilities summing to 1. Needs `temperature > 0`.
-pub fn distribution(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)>) {
+/// Candidate sets up to this size are sorted outright; larger ones (the whole vocabulary,
+/// unless top-k cuts it) are searched by probability mass without sorting.
+const SORT_MAX: usize = 512;
+
+/// Rank order of (token, scaled logit) pairs: most likely first, the lower id first on ties.
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Fills `out` with (token, logit / temperature) and keeps the top-k of them (unordered).
+fn candidates(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)>) {
     out.clear();
     out.extend(logits.iter().enumerate().map(|(i, &z)| (i as u32, z / p.temperature)));
-    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < out.len() {
+        out.select_nth_unstable_by(p.top_k - 1, by_rank);
         out.truncate(p.top_k);
     }
+}
+
+/// The sampling distribution after temperature, top-k and top-p: (token, probability)
+/// pairs, most likely first, probabilities summing to 1. Needs `temperature > 0`.
+///
+/// Sorts every candidate: the reference that [`sample`] agrees with.
+pub fn distribution(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)>) {
+    candidates(logits, p, out);
+    out.sort_unstable_by(by_rank);
+    normalise_sorted(out, p.top_p);
+}
+
+/// Softmax over sorted (token, scaled logit) pairs, then the top-p cut and renormalisation.
+fn normalise_sorted(out: &mut Vec<(u32, f32)>, top_p: f32) {
     let max = out[0].1;
     let mut sum = 0.0f64;
     for e in out.iter_mut() {
@@ -63,12 +85,12 @@ pub fn distribution(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)
     for e in out.iter_mut() {
         e.1 = (e.1 as f64 / sum) as f32;
     }
-    if p.top_p < 1.0 {
+    if top_p < 1.0 {
         let mut acc = 0.0f64;
         let mut keep = out.len();
         for (i, e) in out.iter().enumerate() {
             acc += e.1 as f64;
-            if acc >= p.top_p as f64 {
+            if acc >= top_p as f64 {
                 keep = i + 1;
                 break;
             }
@@ -81,6 +103,18 @@ pub fn distribution(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)
     }
 }
 
+/// The token of a sorted distribution whose cumulative probability first exceeds `u`.
+fn walk(dist: &[(u32, f32)], u: f64) -> u32 {
+    let mut acc = 0.0f64;
+    for &(t, pr) in dist {
+        acc += pr as f64;
+        if u < acc {
+            return t;
+        }
+    }
+    dist.last().expect("non-empty").0
+}
+
 /// Log-softmax of `logits` at `token`.
 pub fn logprob(logits: &[f32], token: u32) -> f32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -89,6 +123,11 @@ pub fn logprob(logits: &[f32], token: u32) -> f32 {
 }
 
 /// Samples the token at sequence position `position`; `scratch` is reused between calls.
+///
+/// The token is the one [`distribution`] gives: the first, in rank order, whose cumulative
+/// probability exceeds a uniform draw u keyed by (seed, position). For more than
+/// `SORT_MAX` (512) candidates the same rule is applied without sorting (the masses are then
+/// summed in another order, so a draw within ~1e-12 of a boundary may fall the other side).
 pub fn sample(
     logits: &[f32],
     p: &SamplingParams,
@@ -105,20 +144,92 @@ pub fn sample(
         }
         best as u32
     } else {
-        distribution(logits, p, scratch);
         let u = Rng::stream(p.seed, mix(position)).next_f64();
-        let mut acc = 0.0f64;
-        let mut chosen = scratch.last().expect("non-empty").0;
-        for &(t, pr) in scratch.iter() {
-            acc += pr as f64;
-            if u < acc {
-                chosen = t;
-                break;
-            }
+        candidates(logits, p, scratch);
+        if scratch.len() <= SORT_MAX {
+            scratch.sort_unstable_by(by_rank);
+            normalise_sorted(scratch, p.top_p);
+            walk(scratch, u)
+        } else {
+            draw_unsorted(scratch, p.top_p, u)
         }
-        chosen
     };
     Sampled { token, logprob: logprob(logits, token) }
+}
+
+/// [`sample`]'s draw over many (token, scaled logit) candidates: softmax weights, the top-p
+/// nucleus, then the token where the cumulative weight in rank order passes u.
+fn draw_unsorted(c: &mut [(u32, f32)], top_p: f32, u: f64) -> u32 {
+    let max = c.iter().fold(f32::NEG_INFINITY, |m, e| m.max(e.1));
+    let kept = if top_p < 1.0 {
+        prefix_reaching(c, max, top_p as f64, false).map_or(c.len(), |m| m)
+    } else {
+        c.len()
+    };
+    let c = &mut c[..kept];
+    match prefix_reaching(c, max, u, true) {
+        Some(m) => c[m - 1].0,
+        // Rounding left the draw past every token: the least likely, as `walk` does.
+        None => c.iter().copied().max_by(by_rank).expect("non-empty").0,
+    }
+}
+
+/// Buckets of candidates by how far their scaled logit is below the maximum, 1/256 apart.
+const BUCKETS: usize = 8192;
+const BUCKETS_PER_UNIT: f32 = 256.0;
+
+/// For candidates (token, scaled logit) with weights exp(logit - max): the smallest m such
+/// that the weight of the m best in rank order reaches `frac` of the total (exceeds it when
+/// `strict`). Rearranges `c` so that those m come first, the m-th best last among them.
+/// None when no prefix does (rounding, with `frac` near 1).
+///
+/// Candidates are bucketed by logit (buckets are ordered like the ranks); only the bucket
+/// where the cumulative weight crosses is sorted.
+fn prefix_reaching(c: &mut [(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<usize> {
+    let key = |v: f32| (((max - v) * BUCKETS_PER_UNIT) as usize).min(BUCKETS - 1);
+    let weight = |v: f32| (v - max).exp() as f64;
+    let mut mass = vec![0.0f64; BUCKETS];
+    let mut count = vec![0u32; BUCKETS];
+    for e in c.iter() {
+        let k = key(e.1);
+        mass[k] += weight(e.1);
+        count[k] += 1;
+    }
+    let target = frac * mass.iter().sum::<f64>();
+    let crosses = |acc: f64| if strict { acc > target } else { acc >= target };
+    let mut acc = 0.0f64;
+    let kb = (0..BUCKETS).find(|&k| {
+        if count[k] > 0 && crosses(acc + mass[k]) {
+            return true;
+        }
+        acc += mass[k];
+        false
+    })?;
+    // The better buckets to the front, then the crossing one.
+    let mut front = 0;
+    for i in 0..c.len() {
+        if key(c[i].1) < kb {
+            c.swap(i, front);
+            front += 1;
+        }
+    }
+    let mut end = front;
+    for i in front..c.len() {
+        if key(c[i].1) == kb {
+            c.swap(i, end);
+            end += 1;
+        }
+    }
+    let bucket = &mut c[front..end];
+    bucket.sort_unstable_by(by_rank);
+    for (j, e) in bucket.iter().enumerate() {
+        acc += weight(e.1);
+        if crosses(acc) {
+            return Some(front + j + 1);
+        }
+    }
+    // The bucket's total crossed but its terms added one by one did not (rounding).
+    Some(end)
 }
 
 #[cfg(test)]
@@ -176,6 +287,37 @@ mod tests {
         let b: Vec<u32> = (0..50).map(|i| sample(&LOGITS, &p, i, &mut Vec::new()).token).collect();
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != a[0]), "sampling at T=1 should vary across positions");
+    }
+
+    /// The reference: sort every candidate ([`distribution`]), then walk.
+    fn sample_sorted(logits: &[f32], p: &SamplingParams, position: u64) -> u32 {
+        let mut d = Vec::new();
+        distribution(logits, p, &mut d);
+        walk(&d, Rng::stream(p.seed, mix(position)).next_f64())
+    }
+
+    #[test]
+    fn unsorted_draw_over_a_large_vocabulary_matches_the_sorted_reference() {
+        let mut rng = Rng::new(5);
+        // Flat logits (a random model), peaked ones (a trained one), and many exact ties.
+        let flat: Vec<f32> = (0..50_257).map(|_| rng.next_f64() as f32 * 0.5).collect();
+        let peaked: Vec<f32> = (0..50_257)
+            .map(|_| (rng.next_f64() as f32 - 0.5) * 2.0)
+            .map(|x| x * x * x * 20.0)
+            .collect();
+        let ties: Vec<f32> = (0..3000).map(|i| (i % 7) as f32 * 0.25).collect();
+        for logits in [&flat, &peaked, &ties] {
+            for (temperature, top_k, top_p) in
+                [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 2000, 1.0), (1.0, 1000, 0.5), (2.0, 0, 0.3)]
+            {
+                for seed in 0..40u64 {
+                    let p = SamplingParams { temperature, top_k, top_p, seed };
+                    let got = sample(logits, &p, seed * 3 + 1, &mut Vec::new()).token;
+                    let want = sample_sorted(logits, &p, seed * 3 + 1);
+                    assert_eq!(got, want, "T={temperature} k={top_k} p={top_p} seed={seed}");
+                }
+            }
+        }
     }
 
     #[test]

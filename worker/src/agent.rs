@@ -12,16 +12,20 @@
 //!   could not deliver.
 //! - The coordinator no longer knows this worker (its lease expired while it was stalled or
 //!   cut off): the worker has been fenced; it stops its rank at once and registers again.
+//!   Before that answer arrives, a rank resuming from a stall could still write: so a rank
+//!   writes metrics and checkpoints only while the worker's lease is confirmed, i.e. a
+//!   heartbeat sent less than 3/5 of the lease ago was acknowledged ([`Lease`]).
 //! - A cancellation stops the rank before its next step and breaks its ring connections, so
 //!   neither it nor its peers wait for an I/O timeout.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ferrite_kernels::CpuBackend;
+use ferrite_kernels::cuda::Device;
+use ferrite_kernels::{Backend, CpuBackend};
 use ferrite_model::JobSpec;
 use ferrite_proto::v1 as pb;
 use pb::worker_service_client::WorkerServiceClient;
@@ -32,13 +36,16 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::collective::{RingAbort, RingCollective, RingConfig};
+use crate::leader;
+use crate::metrics::{Timed, WorkerMetrics};
 use crate::trainer::Event;
 use crate::{Trainer, WorkerError};
 
 /// How a worker joins the cluster.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// `http://HOST:PORT` of the coordinator.
+    /// `http://HOST:PORT` of the coordinator, or several comma-separated (the leader is
+    /// followed).
     pub coordinator: String,
     /// CPU threads for the step loop.
     pub threads: usize,
@@ -48,6 +55,10 @@ pub struct AgentConfig {
     /// address when that is not a wildcard.
     pub advertise: Option<String>,
     pub hostname: String,
+    /// What the ranks train on: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    pub device: Device,
+    /// Step, all-reduce and checkpoint metrics of the ranks this worker runs.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// What the worker knows once it is up.
@@ -112,8 +123,11 @@ pub async fn run(
         }
         None => bound.to_string(),
     };
+    let urls = leader::parse_urls(&cfg.coordinator)
+        .map_err(|e| AgentError::Config(format!("--coordinator: {e}")))?;
     let mut agent = Agent {
         cfg,
+        urls,
         advertise,
         listener: Arc::new(listener),
         client: None,
@@ -122,6 +136,9 @@ pub async fn run(
         undelivered: None,
         events: mpsc::unbounded_channel(),
         heartbeat: Duration::from_millis(500),
+        lease_ttl: Duration::ZERO,
+        lease: Arc::new(Lease::new()),
+        beats: Beats::default(),
     };
     agent.register().await?;
     ready(&Ready {
@@ -139,11 +156,65 @@ pub async fn run(
     }
 }
 
+/// This worker's membership as last confirmed by the coordinator. A heartbeat sent at `t`
+/// and acknowledged proves the coordinator kept the lease alive at or after `t`, so the
+/// lease holds until `t` plus part of its TTL (3/5, leaving room for a late heartbeat) on
+/// this process's monotonic clock. A process stalled for longer (SIGSTOP) finds it expired
+/// when it resumes, and stays unconfirmed: the coordinator has dropped it.
+struct Lease {
+    origin: Instant,
+    /// Milliseconds after `origin` until which the lease holds.
+    until_ms: AtomicU64,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Lease { origin: Instant::now(), until_ms: AtomicU64::new(0) }
+    }
+
+    fn renew(&self, sent: Instant, ttl: Duration) {
+        let until = sent.saturating_duration_since(self.origin) + ttl * 3 / 5;
+        self.until_ms.fetch_max(until.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn revoke(&self) {
+        self.until_ms.store(0, Ordering::SeqCst);
+    }
+
+    fn holds(&self) -> bool {
+        (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// The last heartbeats sent: their ids (the worker's clock, strictly increasing) and when.
+#[derive(Default)]
+struct Beats(std::collections::VecDeque<(i64, Instant)>);
+
+impl Beats {
+    /// Records a heartbeat going out now; returns its id.
+    fn sent(&mut self) -> i64 {
+        let last = self.0.back().map_or(i64::MIN, |b| b.0);
+        let id = now_unix_ms().max(last.saturating_add(1));
+        if self.0.len() == 32 {
+            self.0.pop_front();
+        }
+        self.0.push_back((id, Instant::now()));
+        id
+    }
+
+    /// When the acknowledged heartbeat went out, if it is one of ours.
+    fn acked(&self, id: i64) -> Option<Instant> {
+        self.0.iter().find(|b| b.0 == id).map(|b| b.1)
+    }
+}
+
 /// A report from the rank's thread.
 type Report = pb::worker_message::Body;
 
 struct Agent {
     cfg: AgentConfig,
+    /// The coordinators to follow (`--coordinator`, comma-separated).
+    urls: Vec<String>,
     advertise: String,
     listener: Arc<TcpListener>,
     client: Option<WorkerServiceClient<Channel>>,
@@ -154,6 +225,12 @@ struct Agent {
     events: (mpsc::UnboundedSender<Report>, mpsc::UnboundedReceiver<Report>),
     /// As the coordinator asked at registration.
     heartbeat: Duration,
+    /// How long the coordinator keeps this worker without a heartbeat.
+    lease_ttl: Duration,
+    /// The membership as last confirmed by the coordinator; ranks write only while it holds.
+    lease: Arc<Lease>,
+    /// Heartbeats sent, to time their acknowledgements.
+    beats: Beats,
 }
 
 /// Backoff while the coordinator is unreachable.
@@ -169,14 +246,25 @@ impl Agent {
         AgentError::Coordinator { url: self.url(), why: why.to_string() }
     }
 
-    async fn client(&mut self) -> Result<WorkerServiceClient<Channel>, AgentError> {
+    /// A client of the leading coordinator (`Unavailable` while none can be found).
+    async fn client(&mut self) -> Result<WorkerServiceClient<Channel>, tonic::Status> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let endpoint = Channel::from_shared(self.url())
-            .map_err(|e| AgentError::Config(format!("--coordinator {}: {e}", self.url())))?
-            .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = if let [url] = self.urls.as_slice() {
+            // One URL (perhaps a load balancer): connect lazily, calls retry while it is down.
+            Channel::from_shared(url.clone())
+                .map_err(|e| tonic::Status::invalid_argument(format!("--coordinator {url}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy()
+        } else {
+            let (url, channel) =
+                leader::connect(&self.urls, leader::WORKER_SERVICE, Duration::ZERO)
+                    .await
+                    .map_err(tonic::Status::unavailable)?;
+            tracing::info!(coordinator = %url, "following the leading coordinator");
+            channel
+        };
         let client = WorkerServiceClient::new(channel);
         self.client = Some(client.clone());
         Ok(client)
@@ -185,8 +273,11 @@ impl Agent {
     /// Registers, retrying while the coordinator is unreachable.
     async fn register(&mut self) -> Result<(), AgentError> {
         let caps = pb::WorkerCapabilities {
-            device_kind: pb::DeviceKind::Cpu as i32,
-            device_count: 0,
+            device_kind: match self.cfg.device {
+                Device::Cpu => pb::DeviceKind::Cpu as i32,
+                Device::Cuda(_) => pb::DeviceKind::Cuda as i32,
+            },
+            device_count: u32::from(matches!(self.cfg.device, Device::Cuda(_))),
             memory_bytes: host_memory_bytes(),
             threads: self.cfg.threads as u32,
             collective_addr: self.advertise.clone(),
@@ -194,19 +285,24 @@ impl Agent {
         };
         let mut delay = RETRY_MIN;
         loop {
-            let mut client = self.client().await?;
             let req = pb::RegisterWorkerRequest { capabilities: Some(caps.clone()) };
-            match client.register_worker(req).await {
+            let answer = match self.client().await {
+                Ok(mut client) => client.register_worker(req).await,
+                Err(s) => Err(s),
+            };
+            match answer {
                 Ok(resp) => {
                     let resp = resp.into_inner();
                     tracing::info!(worker = %resp.worker_id, "registered");
                     self.worker_id = Some(resp.worker_id);
                     self.heartbeat =
                         Duration::from_millis(resp.heartbeat_interval_ms.max(50).into());
+                    self.lease_ttl = Duration::from_millis(resp.lease_ttl_ms.into());
                     return Ok(());
                 }
                 Err(s) if s.code() == Code::Unavailable => {
                     tracing::debug!(status = %s.message(), "coordinator unavailable; retrying");
+                    self.client = None;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);
                 }
@@ -223,6 +319,7 @@ impl Agent {
                 Ok(()) => delay = RETRY_MIN,
                 Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
                     tracing::warn!(status = %s.message(), "fenced by the coordinator; stopping the rank and registering again");
+                    self.lease.revoke();
                     if let Some(r) = self.running.take() {
                         r.stop();
                     }
@@ -239,6 +336,7 @@ impl Agent {
                 }
                 Err(s) => {
                     tracing::info!(status = %s.message(), "coordinator stream lost; reattaching");
+                    self.client = None;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);
                 }
@@ -261,15 +359,15 @@ impl Agent {
         if let Some(result) = self.undelivered.clone() {
             send(Report::Result(result));
         }
-        let mut client =
-            self.client().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = self.client().await?;
         let mut inbound = client.attach(UnboundedReceiverStream::new(rx)).await?.into_inner();
         self.undelivered = None;
         let mut beat = tokio::time::interval(self.heartbeat);
         loop {
             tokio::select! {
                 _ = beat.tick() => {
-                    send(Report::Heartbeat(pb::Heartbeat { sent_unix_ms: now_unix_ms() }));
+                    let sent_unix_ms = self.beats.sent();
+                    send(Report::Heartbeat(pb::Heartbeat { sent_unix_ms }));
                 }
                 report = self.events.1.recv() => {
                     let Some(report) = report else { continue };
@@ -294,6 +392,11 @@ impl Agent {
     fn on_message(&mut self, msg: pb::CoordinatorMessage) {
         use pb::coordinator_message::Body;
         match msg.body {
+            Some(Body::HeartbeatAck(ack)) => {
+                if let Some(sent) = self.beats.acked(ack.sent_unix_ms) {
+                    self.lease.renew(sent, self.lease_ttl);
+                }
+            }
             Some(Body::Assignment(a)) => self.start(a),
             Some(Body::Cancellation(c)) => {
                 let target = self
@@ -325,10 +428,13 @@ impl Agent {
         let rank = RankRun {
             assignment: a,
             threads: self.cfg.threads,
+            device: self.cfg.device,
             listener: self.listener.clone(),
             stop: running.stop.clone(),
             ring: running.ring.clone(),
             events: self.events.0.clone(),
+            metrics: self.cfg.metrics.clone(),
+            lease: self.lease.clone(),
         };
         self.running = Some(running);
         let name = format!("rank-{}-{}", task.job_id, task.rank);
@@ -354,16 +460,23 @@ fn failed(task: &TaskRef, why: &str) -> Report {
 struct RankRun {
     assignment: pb::Assignment,
     threads: usize,
+    device: Device,
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     ring: Arc<Mutex<Option<RingAbort>>>,
     events: mpsc::UnboundedSender<Report>,
+    metrics: Arc<WorkerMetrics>,
+    lease: Arc<Lease>,
 }
 
 impl RankRun {
     fn run(self) {
         let a = &self.assignment;
         let task = TaskRef { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank };
+        // The trainer's per-step spans nest in this one, so every log line of the rank
+        // names its job, attempt, rank and step.
+        let span = tracing::info_span!("rank", job = %task.job_id, attempt = task.attempt, rank = task.rank);
+        let _entered = span.enter();
         let mut final_step = 0;
         let result = self.train(&mut final_step);
         let (succeeded, message) = match &result {
@@ -386,6 +499,9 @@ impl RankRun {
     fn train(&self, final_step: &mut u64) -> Result<(), WorkerError> {
         let a = &self.assignment;
         let spec = rank_spec(a, self.threads)?;
+        if let Device::Cuda(ordinal) = self.device {
+            return self.train_cuda(ordinal, spec, final_step);
+        }
         let peers = a
             .peer_addrs
             .iter()
@@ -401,15 +517,65 @@ impl RankRun {
         let ring =
             RingCollective::connect(listener, RingConfig::new(a.rank as usize, peers, token))?;
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle()?);
-        let mut trainer = Trainer::new(be, spec, Box::new(ring))?;
+        self.metrics.rank_started(&a.job_id, a.rank, a.world_size);
+        let timed = Timed::new(Box::new(ring), self.metrics.clone());
+        let trainer = Trainer::new(be, spec, Box::new(timed))?;
+        self.drive(trainer, final_step)
+    }
+
+    /// A rank on a GPU. Jobs of one worker only for now: several CUDA ranks need NCCL's
+    /// unique id relayed by the coordinator (rank 0's `NcclUniqueId`, the others'
+    /// `Rendezvous`), which it does not do yet; `collective::nccl` is ready for it.
+    #[cfg(feature = "cuda")]
+    fn train_cuda(
+        &self,
+        ordinal: usize,
+        spec: JobSpec,
+        final_step: &mut u64,
+    ) -> Result<(), WorkerError> {
+        let a = &self.assignment;
+        if a.world_size > 1 {
+            return Err(WorkerError::Collective(format!(
+                "cuda:{ordinal}: a job on {} CUDA workers needs the NCCL rendezvous, which the \
+                 coordinator does not relay yet; run CUDA jobs on one worker",
+                a.world_size
+            )));
+        }
+        let be = Arc::new(ferrite_kernels::cuda::CudaBackend::new(ordinal)?);
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(WorkerError::Stopped { step: 0 });
+        }
+        self.metrics.rank_started(&a.job_id, a.rank, a.world_size);
+        let timed = Timed::new(Box::new(crate::Single), self.metrics.clone());
+        let trainer = Trainer::new(be, spec, Box::new(timed))?;
+        self.drive(trainer, final_step)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn train_cuda(&self, ordinal: usize, _: JobSpec, _: &mut u64) -> Result<(), WorkerError> {
+        ferrite_kernels::cuda::probe(ordinal)?;
+        Err(WorkerError::Kernel(ferrite_kernels::KernelError::NoCuda(format!(
+            "cuda:{ordinal}: this build has no CUDA backend"
+        ))))
+    }
+
+    /// Runs `trainer` to its last step, reporting progress and checkpoints.
+    fn drive<B: Backend>(
+        &self,
+        mut trainer: Trainer<B>,
+        final_step: &mut u64,
+    ) -> Result<(), WorkerError> {
+        let a = &self.assignment;
         trainer.stop_when_set(self.stop.clone());
+        let lease = self.lease.clone();
+        trainer.fence_writes(move || lease.holds());
         *final_step = trainer.step;
         let (job_id, attempt, rank) = (a.job_id.clone(), a.attempt, a.rank);
         let send = |body: Report| {
             let _ = self.events.send(body);
         };
         send(Report::Running(pb::RankRunning { job_id: job_id.clone(), attempt, rank }));
-        let result = trainer.run(|ev| match ev {
+        let report = |ev: &Event| match ev {
             Event::Step(m) if rank == 0 => send(Report::Progress(pb::Progress {
                 job_id: job_id.clone(),
                 attempt,
@@ -437,6 +603,10 @@ impl RankRun {
                     }),
                 }))
             }
+        };
+        let result = trainer.run(|ev| {
+            self.metrics.record(ev);
+            report(ev)
         });
         *final_step = trainer.step;
         result
@@ -505,6 +675,26 @@ fn host_memory_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_holds_only_for_part_of_a_ttl_after_an_acknowledged_heartbeat() {
+        let lease = Lease::new();
+        assert!(!lease.holds(), "unconfirmed at start");
+        let mut beats = Beats::default();
+        let (a, b) = (beats.sent(), beats.sent());
+        assert!(b > a, "heartbeat ids increase");
+        assert!(beats.acked(a + 100).is_none());
+        lease.renew(beats.acked(b).unwrap(), Duration::from_millis(500));
+        assert!(lease.holds());
+        std::thread::sleep(Duration::from_millis(350)); // past 3/5 of 500 ms
+        assert!(!lease.holds(), "a stalled process finds its lease expired");
+        // An old acknowledgement never shortens a newer one.
+        lease.renew(Instant::now(), Duration::from_secs(10));
+        lease.renew(beats.acked(a).unwrap(), Duration::from_millis(500));
+        assert!(lease.holds());
+        lease.revoke();
+        assert!(!lease.holds());
+    }
 
     #[test]
     fn ring_tokens_differ_between_attempts_and_jobs() {

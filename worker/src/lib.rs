@@ -11,11 +11,15 @@
 //! - [`batch`]: counter-based sampling of training windows, so a step's batch is a pure
 //!   function of (seed, step, micro-batch, row) and resume needs no sampler state.
 //! - [`collective`]: the [`Collective`] trait and the single-process implementation.
+//! - [`leader`]: finding the leading coordinator among several URLs.
+//! - [`metrics`]: the worker's Prometheus metrics and their `/metrics` endpoint.
 //! - [`trainer`]: [`Trainer`], the step loop with eval, metrics and checkpoints.
 
 pub mod agent;
 pub mod batch;
 pub mod collective;
+pub mod leader;
+pub mod metrics;
 pub mod trainer;
 
 pub use collective::{Collective, Single};
@@ -37,6 +41,10 @@ pub enum WorkerError {
     Collective(String),
     #[error("stopped before step {}", step + 1)]
     Stopped { step: u64 },
+    #[error(
+        "fenced after step {step}: the lease was not confirmed for {waited_ms} ms; not writing"
+    )]
+    Fenced { step: u64, waited_ms: u64 },
 }
 
 impl WorkerError {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferrite_data::Dataset;
 use ferrite_kernels::{AdamW, Backend};
@@ -40,6 +40,9 @@ pub enum Event {
     Checkpoint { step: u64, path: PathBuf, val_loss: Option<f32> },
 }
 
+/// How long a write waits for the worker's lease to be confirmed before the rank gives up.
+pub const FENCE_WAIT: Duration = Duration::from_secs(30);
+
 pub struct Trainer<B: Backend> {
     pub be: Arc<B>,
     pub spec: JobSpec,
@@ -53,6 +56,8 @@ pub struct Trainer<B: Backend> {
     last_val: Option<f32>,
     /// Checked before every step; set from another thread to stop the run.
     stop: Arc<AtomicBool>,
+    /// Asked before every write to the shared output (see [`Trainer::fence_writes`]).
+    write_fence: Option<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -116,6 +121,7 @@ impl<B: Backend> Trainer<B> {
             targets: vec![0; n],
             last_val: None,
             stop: Arc::new(AtomicBool::new(false)),
+            write_fence: None,
         })
     }
 
@@ -123,6 +129,29 @@ impl<B: Backend> Trainer<B> {
     /// `flag` is set (from any thread).
     pub fn stop_when_set(&mut self, flag: Arc<AtomicBool>) {
         self.stop = flag;
+    }
+
+    /// A lease check before every write to the shared output (metrics line, checkpoint):
+    /// `holds` says whether this worker's membership is known to be alive. While it is not
+    /// (the coordinator is restarting, or this process was stalled long enough to have
+    /// been declared lost and replaced), the write waits; if the rank is stopped meanwhile
+    /// (fenced) or the lease is not renewed within [`FENCE_WAIT`], [`Trainer::run`] returns
+    /// [`WorkerError::Fenced`] and writes nothing.
+    pub fn fence_writes(&mut self, holds: impl Fn() -> bool + Send + Sync + 'static) {
+        self.write_fence = Some(Box::new(holds));
+    }
+
+    fn check_fence(&self) -> Result<(), WorkerError> {
+        let Some(holds) = &self.write_fence else { return Ok(()) };
+        let since = Instant::now();
+        while !holds() {
+            if self.stop.load(Ordering::Relaxed) || since.elapsed() > FENCE_WAIT {
+                let waited_ms = since.elapsed().as_millis() as u64;
+                return Err(WorkerError::Fenced { step: self.step, waited_ms });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     pub fn tokens_per_step(&self) -> usize {
@@ -136,7 +165,9 @@ impl<B: Backend> Trainer<B> {
         Self: Send,
     {
         let be = self.be.clone();
-        be.run(|| self.run_loop(&mut on_event))
+        // The backend may run the loop on another thread: carry the caller's span there.
+        let span = tracing::Span::current();
+        be.run(|| span.in_scope(|| self.run_loop(&mut on_event)))
     }
 
     fn run_loop(&mut self, on_event: &mut (impl FnMut(&Event) + Send)) -> Result<(), WorkerError> {
@@ -149,6 +180,7 @@ impl<B: Backend> Trainer<B> {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(WorkerError::Stopped { step: self.step });
             }
+            let _span = tracing::info_span!("step", step = self.step + 1).entered();
             let started = Instant::now();
             let (loss, lr, norm) = self.train_step()?;
             let step_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -169,12 +201,14 @@ impl<B: Backend> Trainer<B> {
                 val_loss,
             };
             if let Some(f) = metrics.as_mut() {
+                self.check_fence()?;
                 let line = serde_json::to_string(&m).expect("metrics serialise");
                 writeln!(f, "{line}").map_err(WorkerError::io("metrics.jsonl"))?;
             }
             on_event(&Event::Step(m));
             let every = self.spec.output.checkpoint_interval;
             if rank0 && ((every > 0 && self.step.is_multiple_of(every)) || last) {
+                self.check_fence()?;
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint { step: self.step, path, val_loss: self.last_val });
             }

@@ -15,6 +15,31 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// Ring all-reduce (mean) of an f32 buffer between `world` local processes over loopback.
     Allreduce(AllreduceArgs),
+    /// Serving decode speed: batch 1, concurrent streams, time to first token (GPT-2-124M).
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Concurrent requests of the aggregate measurement.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Prompt length of the batch-1 and concurrent requests.
+    #[arg(long, default_value_t = 16)]
+    prompt: usize,
+    /// Prompt lengths of the time-to-first-token measurement.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,512,1024")]
+    ttft_prompts: Vec<usize>,
+    /// Runs of each measurement (the table shows the median).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Serve this checkpoint folder instead of random GPT-2-124M weights.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -53,6 +78,9 @@ pub struct StepArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: ferrite_kernels::cuda::Device,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -60,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Matmul(a) => matmul(a),
         BenchCommand::Step(a) => step(a),
         BenchCommand::Allreduce(a) => allreduce(a),
+        BenchCommand::Decode(a) => decode(a),
     }
 }
 
@@ -95,7 +124,20 @@ fn matmul(a: MatmulArgs) -> anyhow::Result<()> {
 }
 
 fn step(a: StepArgs) -> anyhow::Result<()> {
-    let be = CpuBackend::new(a.threads)?;
+    use ferrite_kernels::cuda::Device;
+    match a.device {
+        Device::Cpu => step_on(&CpuBackend::new(a.threads)?, a),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => step_on(&ferrite_kernels::cuda::CudaBackend::new(i)?, a),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(i) => {
+            ferrite_kernels::cuda::probe(i)?;
+            anyhow::bail!("cuda:{i}: this build has no CUDA backend")
+        }
+    }
+}
+
+fn step_on<B: Backend>(be: &B, a: StepArgs) -> anyhow::Result<()> {
     let cfg = GptConfig {
         n_layer: a.layers,
         n_head: a.heads,
@@ -103,8 +145,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         block_size: a.block.max(a.seq),
         vocab_size: a.vocab,
     };
-    let mut gpt = Gpt::new(&be, cfg.clone(), a.batch, a.seq)?;
-    gpt.init_gpt2(&be, 1)?;
+    let mut gpt = Gpt::new(be, cfg.clone(), a.batch, a.seq)?;
+    gpt.init_gpt2(be, 1)?;
     let n = a.batch * a.seq;
     let tokens: Vec<i32> = (0..n).map(|i| ((i * 7919) % a.vocab) as i32).collect();
     let targets: Vec<i32> = (0..n).map(|i| ((i * 104_729 + 1) % a.vocab) as i32).collect();
@@ -112,9 +154,9 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         let mut times = Vec::new();
         for s in 0..a.steps + 1 {
             let t0 = Instant::now();
-            gpt.zero_grad(&be);
-            let loss = gpt.forward(&be, &tokens, Some(&targets), a.batch, a.seq)?.expect("loss");
-            gpt.backward(&be, loss, 1.0)?;
+            gpt.zero_grad(be);
+            let loss = gpt.forward(be, &tokens, Some(&targets), a.batch, a.seq)?.expect("loss");
+            gpt.backward(be, loss, 1.0)?;
             let opt = AdamW {
                 lr: 6e-4,
                 beta1: 0.9,
@@ -124,7 +166,9 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
                 grad_scale: 1.0,
                 step: s as u64 + 1,
             };
-            gpt.step(&be, &opt, 1.0);
+            gpt.step(be, &opt, 1.0);
+            // Wait for the device (a no-op copy on the CPU), so a step's time is all its own.
+            be.download(be.view(&gpt.params, 0..1), &mut [0.0])?;
             if s > 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }
@@ -137,7 +181,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"peer": "ferrite", "bench": "gpt2_step", "ms_per_step": t * 1e3,
             "gflops": flops / t / 1e9, "flops_per_step": flops, "n_params": cfg.num_params(),
-            "batch": a.batch, "seq_len": a.seq, "threads": a.threads})
+            "batch": a.batch, "seq_len": a.seq, "threads": a.threads,
+            "device": be.name()})
     );
     Ok(())
 }
@@ -281,5 +326,22 @@ fn allreduce_rank(a: &AllreduceArgs, rank: usize) -> anyhow::Result<()> {
         }
     }
     println!("{}", serde_json::json!({ "rank": rank, "times": times }));
+    Ok(())
+}
+
+/// Prints the table, then one JSON line (the medians and every run).
+fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+    let b = ferrite_inference::bench::DecodeBench {
+        threads: a.threads,
+        streams: a.streams,
+        new_tokens: a.new_tokens,
+        prompt: a.prompt,
+        ttft_prompts: a.ttft_prompts,
+        reps: a.reps,
+        checkpoint: a.checkpoint,
+    };
+    let report = ferrite_inference::bench::run(&b)?;
+    println!("{}", report.table());
+    println!("{}", report.json());
     Ok(())
 }

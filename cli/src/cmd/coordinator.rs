@@ -1,13 +1,19 @@
-//! `ferrite coordinator`: the control plane's gRPC server (jobs API, health, reflection).
+//! `ferrite coordinator`: the control plane's gRPC server (jobs API, health, reflection),
+//! and with `--http-listen` its HTTP edge (Prometheus `/metrics`, JSON `/api`, the `/ui`
+//! dashboard).
 
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
+use ferrite_coordinator::http::{self, HttpConfig};
+use ferrite_coordinator::leader;
 use ferrite_coordinator::server::{self, Deps, StoreSpec};
+use ferrite_coordinator::EtcdStore;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -21,25 +27,56 @@ pub struct CoordinatorArgs {
     /// A worker silent this long is dropped and its job recovers (e.g. 5s, 1500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
+    /// The URL clients and workers reach this coordinator at, announced when it leads
+    /// (coordinators on etcd elect a leader); default `http://` + the bound address.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// HTTP address for /metrics (Prometheus), /api (JSON) and /ui (the dashboard); off
+    /// when absent. The READY line then ends with ` http=HOST:PORT`.
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// One worker's peak TFLOP/s, the denominator of the MFU in /metrics (the default is
+    /// about the f32 matmul peak of two Zen 5 cores).
+    #[arg(long, default_value_t = http::DEFAULT_PEAK_FLOPS / 1e12)]
+    peak_tflops: f64,
+    /// How logs are written to stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
-/// Serves until SIGINT or SIGTERM. Prints `READY addr=HOST:PORT` on stdout once listening;
-/// logs go to stderr.
+/// How logs are written to stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event, with the fields of every enclosing span.
+    Json,
+}
+
+/// Serves until SIGINT or SIGTERM. Prints `READY addr=HOST:PORT` (then ` http=HOST:PORT`
+/// with --http-listen) on stdout once listening; logs go to stderr.
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging(args.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
+}
+
+/// Completes once `stop` holds `true`: one signal shared by several servers.
+pub async fn until_set(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Completes on SIGINT or SIGTERM. Install it before printing READY, so a signal sent right
@@ -58,13 +95,54 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = match &args.http_listen {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("listening on {a}"))?),
+        None => None,
+    };
+    let mut ready = format!("READY addr={addr}");
+    if let Some(h) = &http_listener {
+        ready.push_str(&format!(" http={}", h.local_addr()?));
+    }
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "READY addr={addr}")?;
+    writeln!(stdout, "{ready}")?;
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%addr, store = ?args.store, "coordinator serving");
-    let deps = Deps::with_heartbeat_timeout(store, args.heartbeat_timeout);
-    server::run(listener, deps, stop).await?;
+    let mut deps = Deps::with_heartbeat_timeout(store, args.heartbeat_timeout);
+    // On etcd several coordinators may run: they elect one leader, the others stand by.
+    let campaign = match &args.store {
+        StoreSpec::Etcd(endpoints) => {
+            let me = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+            let ttl = (args.heartbeat_timeout / 2).max(Duration::from_secs(2));
+            let ns = EtcdStore::DEFAULT_NAMESPACE;
+            let (role, campaign) = leader::campaign(endpoints, ns, me, ttl)
+                .await
+                .context("joining the leader election in etcd")?;
+            deps = deps.with_role(role);
+            Some(campaign)
+        }
+        StoreSpec::Embedded(_) => None,
+    };
+    let (stop_tx, stopping) = watch::channel(false);
+    let http_task = http_listener.map(|l| {
+        let cfg = HttpConfig { peak_flops_per_worker: args.peak_tflops * 1e12 };
+        tokio::spawn(http::run(l, deps.clone(), cfg, until_set(stopping)))
+    });
+    let stop = async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    };
+    let serve = server::run(listener, deps, stop);
+    match campaign {
+        Some(campaign) => tokio::select! {
+            served = serve => served?,
+            lost = campaign => anyhow::bail!("left the leader election: {lost}"),
+        },
+        None => serve.await?,
+    }
+    if let Some(task) = http_task {
+        task.await??;
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -78,7 +156,7 @@ async fn stopped_by(mut interrupt: Signal, mut terminate: Signal) {
 }
 
 /// `250ms`, `5s` or `2m`; at least 100 ms.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits.parse().map_err(|_| format!("`{s}`: expected a number with ms, s or m"))?;
     let d = match unit {

@@ -7,16 +7,18 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use ferrite_proto::v1 as pb;
+use ferrite_worker::leader;
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::job_service_client::JobServiceClient;
 use serde_json::json;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Where the coordinator is.
 #[derive(Args)]
 pub struct Connection {
-    /// Coordinator URL, `http://HOST:PORT` (or `HOST:PORT`).
+    /// Coordinator URL, `http://HOST:PORT` (or `HOST:PORT`); several, comma-separated, for
+    /// coordinators that elect a leader.
     #[arg(
         long,
         env = "FERRITE_COORDINATOR",
@@ -73,6 +75,20 @@ enum JobCommand {
         /// Keep printing new events until the job ends.
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Draw a job's train and val loss against step, with the learning rate on a second
+    /// axis, to a PNG or SVG file (from the steps the coordinator has seen).
+    Plot {
+        id: String,
+        /// The image to write; `.png` or `.svg` chooses the format.
+        #[arg(long)]
+        out: PathBuf,
+        /// Width in pixels.
+        #[arg(long, default_value_t = 1000)]
+        width: u32,
+        /// Height in pixels.
+        #[arg(long, default_value_t = 600)]
+        height: u32,
     },
     /// Cancel a job that has not finished.
     Cancel {
@@ -144,29 +160,19 @@ where
     Ok(())
 }
 
-async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|_| anyhow!("`{url}` is not a coordinator URL (http://HOST:PORT)"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut why = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            // hyper repeats its message one level down.
-            let s_text = s.to_string();
-            if !why.ends_with(&s_text) {
-                why = format!("{why}: {s_text}");
-            }
-            source = s.source();
-        }
-        anyhow!("cannot reach the coordinator at {url}: {why}")
-    })?;
+/// A client of the coordinator at `urls` (comma-separated: the one that leads; during an
+/// election it waits up to 15 s for a leader).
+async fn connect(urls: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+    let urls = leader::parse_urls(urls).map_err(|e| anyhow!("{e}"))?;
+    let patience = Duration::from_secs(15);
+    let (_, channel) = leader::connect(&urls, leader::JOB_SERVICE, patience)
+        .await
+        .map_err(|e| anyhow!("cannot reach the coordinator at {}: {e}", urls.join(",")))?;
     Ok(JobServiceClient::new(channel))
 }
 
 /// The server's message is already worded for people (`invalid argument `x`: ...`).
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
     if s.message().is_empty() {
         anyhow!("{}", s.code().description())
     } else {
@@ -228,6 +234,9 @@ async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyh
             }
         }
         JobCommand::Logs { id, follow } => logs(client, id, follow).await?,
+        JobCommand::Plot { id, out, width, height } => {
+            super::plot::run(client, id, out, (width, height)).await?
+        }
         JobCommand::Cancel { id, reason } => {
             let req = pb::CancelJobRequest { job_id: id, reason };
             let job = client.cancel_job(req).await.map_err(status_error)?.into_inner();
@@ -410,7 +419,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
 }
 
 /// `QUEUED`, `RUNNING`, ...; `-` for unspecified (the submission's `from`).
-fn state_name(state: i32) -> String {
+pub(super) fn state_name(state: i32) -> String {
     match pb::JobState::try_from(state) {
         Ok(pb::JobState::Unspecified) => "-".to_owned(),
         Ok(s) => s.as_str_name().trim_start_matches("JOB_STATE_").to_owned(),

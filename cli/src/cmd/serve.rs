@@ -15,7 +15,7 @@ use ferrite_inference::{Engine, EngineConfig, ModelVersion, ServedModel};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::coordinator::{init_logging, stopped_by_signal};
+use super::coordinator::{init_logging, stopped_by_signal, LogFormat};
 
 #[derive(Args)]
 #[command(after_help = "Prints `READY addr=HOST:PORT` (then ` http=HOST:PORT` with \
@@ -57,10 +57,13 @@ pub struct ServeArgs {
     /// Decode threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// How logs are written to stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging(args.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }

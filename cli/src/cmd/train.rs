@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use ferrite_kernels::cuda::Device;
-use ferrite_kernels::CpuBackend;
+use ferrite_kernels::{Backend, CpuBackend};
 use ferrite_model::JobSpec;
 use ferrite_worker::trainer::Event;
 use ferrite_worker::{Single, Trainer};
@@ -38,16 +38,27 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(n) = args.max_steps {
         spec.train.max_steps = n;
     }
-    if let Device::Cuda(i) = args.device {
-        ferrite_kernels::cuda::probe(i)?;
+    match args.device {
+        Device::Cpu => train_on(Arc::new(CpuBackend::new(spec.train.threads)?), spec, args.plain),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            let be = ferrite_kernels::cuda::CudaBackend::new(i)?;
+            train_on(Arc::new(be), spec, args.plain)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(i) => {
+            ferrite_kernels::cuda::probe(i)?;
+            anyhow::bail!("cuda:{i}: this build has no CUDA backend")
+        }
     }
-    let be = Arc::new(CpuBackend::new(spec.train.threads)?);
-    let threads = be.threads();
+}
+
+fn train_on<B: Backend>(be: Arc<B>, spec: JobSpec, plain: bool) -> anyhow::Result<()> {
+    let device = be.name();
     let mut trainer = Trainer::new(be, spec, Box::new(Single)).context("starting the job")?;
     let (total, start) = (trainer.spec.train.max_steps, trainer.step);
     eprintln!(
-        "model: {} params ({} layers, {} heads, {} wide, context {}, vocab {}); \
-         cpu, {threads} threads",
+        "model: {} params ({} layers, {} heads, {} wide, context {}, vocab {}); {device}",
         trainer.gpt.cfg.num_params(),
         trainer.gpt.cfg.n_layer,
         trainer.gpt.cfg.n_head,
@@ -58,7 +69,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if start > 0 {
         eprintln!("resumed at step {start}");
     }
-    let bar = if args.plain || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    let bar = if plain || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::hidden()
     } else {
         let b = ProgressBar::new(total).with_position(start);

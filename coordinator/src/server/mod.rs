@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
+use crate::leader::{self, Role};
 use crate::WorkerRegistry;
 use crate::{CheckpointRegistry, Controller, EmbeddedStore, EtcdStore, JobRegistry, Store};
 
@@ -44,6 +45,8 @@ pub struct Deps {
     pub jobs: JobRegistry,
     pub checkpoints: CheckpointRegistry,
     pub control: Arc<Controller>,
+    /// Leader or standby; only the leader runs the control loop and answers calls.
+    pub role: watch::Receiver<Role>,
 }
 
 impl Deps {
@@ -58,7 +61,12 @@ impl Deps {
         let checkpoints = CheckpointRegistry::new(store.clone());
         let workers = WorkerRegistry::new(store, timeout);
         let control = Arc::new(Controller::new(jobs.clone(), checkpoints.clone(), workers));
-        Deps { jobs, checkpoints, control }
+        Deps { jobs, checkpoints, control, role: leader::sole_leader() }
+    }
+
+    /// Serves as leader only while `role` says so (a coordinator campaigning on etcd).
+    pub fn with_role(self, role: watch::Receiver<Role>) -> Self {
+        Deps { role, ..self }
     }
 }
 
@@ -81,11 +89,22 @@ pub async fn run(
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
     let control = deps.control.clone();
-    let workers = WorkerServer::new(WorkerApi::new(control.clone(), stopping.clone()));
-    let control_loop = tokio::spawn(control.run(stopping.clone()));
-    let api = JobServer::new(JobApi::new(deps, stopping));
+    let role = deps.role.clone();
+    // A standby refuses every call with `Unavailable` naming the leader.
+    let leader_only = move |req: tonic::Request<()>| match role.borrow().refusal() {
+        Some(refusal) => Err(refusal),
+        None => Ok(req),
+    };
+    let workers = WorkerServer::with_interceptor(
+        WorkerApi::new(control.clone(), stopping.clone()),
+        leader_only.clone(),
+    );
+    let control_loop = tokio::spawn(control.run(stopping.clone(), deps.role.clone()));
+    let serving = tokio::spawn(report_role(health.clone(), deps.role.clone()));
+    let api = JobServer::with_interceptor(JobApi::new(deps, stopping), leader_only);
     let signal = async move {
         shutdown.await;
+        serving.abort();
         health.set_not_serving::<JobServer>().await;
         health.set_not_serving::<WorkerServer>().await;
         // Streams see this and end, so the graceful shutdown below does not wait on them.
@@ -102,6 +121,30 @@ pub async fn run(
     let _ = control_loop.await;
     Ok(())
 }
+
+/// Health says SERVING for both APIs only while this coordinator leads; the server as a
+/// whole (`""`) serves either way, so a liveness probe never restarts a standby.
+async fn report_role(
+    health: tonic_health::server::HealthReporter,
+    mut role: watch::Receiver<Role>,
+) {
+    loop {
+        let status = if role.borrow_and_update().is_leader() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for service in [JOB_SERVICE, WORKER_SERVICE] {
+            health.set_service_status(service, status).await;
+        }
+        if role.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+const JOB_SERVICE: &str = "ferrite.v1.JobService";
+const WORKER_SERVICE: &str = "ferrite.v1.WorkerService";
 
 /// Where the coordinator keeps its state: `embedded:PATH` (a redb file, created if absent)
 /// or `etcd:http://HOST:PORT[,http://HOST:PORT...]`.

@@ -164,7 +164,7 @@ fn from_wire(msg: pb::WorkerMessage) -> Result<FromWorker, Error> {
     use pb::worker_message::Body;
     Ok(match required("body", msg.body)? {
         Body::Hello(_) => return Err(Error::invalid("body", "`hello` was already sent")),
-        Body::Heartbeat(_) => FromWorker::Heartbeat,
+        Body::Heartbeat(h) => FromWorker::Heartbeat { sent_unix_ms: h.sent_unix_ms },
         Body::Running(r) => FromWorker::Running(task(&r.job_id, r.attempt, r.rank)?),
         Body::Progress(p) => {
             let m = required("progress.metrics", p.metrics)?;
@@ -210,6 +210,9 @@ fn to_wire(msg: ToWorker) -> pb::CoordinatorMessage {
         }),
         ToWorker::Cancel { job, attempt, reason } => {
             Body::Cancellation(pb::Cancellation { job_id: job.to_string(), attempt, reason })
+        }
+        ToWorker::HeartbeatAck { sent_unix_ms } => {
+            Body::HeartbeatAck(pb::HeartbeatAck { sent_unix_ms })
         }
     };
     pb::CoordinatorMessage { body: Some(body) }

@@ -1,58 +1,80 @@
-//! Linear layers for decoding: few rows (one per active sequence) against a large weight
-//! matrix. Each weight is read from memory once per call whatever the number of rows, and
-//! every output element is summed in the same order however many rows there are and however
-//! they are grouped, so a sequence's result does not depend on what it is batched with.
-//! (`gemm` picks kernels by shape, so its bits change with the row count.)
+//! Linear layers for decoding: few rows (one per active sequence, or a prompt chunk) against
+//! a large weight matrix that is read from memory once per call whatever the number of rows.
 //!
-//! Runs on the caller's rayon pool, split over blocks of output columns.
+//! Every output element is `bias[j] + sum_i inp[r,i] * w[i,j]`, accumulated with one fused
+//! multiply-add per term in increasing `i`, whatever the number of rows, how they are tiled,
+//! the thread count or the instruction set; so a sequence's result has the same bits alone,
+//! batched, or with its prompt cut into other chunks. (`gemm` picks kernels and blockings by
+//! shape, so its bits change with the row count.)
+//!
+//! Decoding is bound by memory bandwidth, so the (in, out) weights are first rearranged
+//! ([`pack_in_out`]) into panels of [`PANEL`] output columns, each panel one contiguous run of
+//! memory: a task streams whole panels in address order, which the hardware prefetcher
+//! follows at full speed. (Read in place, each input row would give a task one 256-byte
+//! piece per weight row, a stride the prefetcher does not follow.)
+//!
+//! Runs on the caller's rayon pool. AVX-512 kernels where the CPU has it; elsewhere the same
+//! arithmetic in portable code compiled for AVX2 + FMA or the baseline (`math::multiversion`).
 
 use rayon::prelude::*;
 
 use super::SendPtr;
 use crate::math;
 
-/// Output columns per block: four 16-lane vectors.
-const NB: usize = 64;
-/// Rows per tile: 4 rows x 4 vectors = 16 accumulators.
-const RT: usize = 4;
+/// Output columns per panel of a packed (in, out) weight: four 16-lane vectors.
+pub const PANEL: usize = 64;
+/// Rows per register tile of the AVX-512 panel kernel: 6 rows x 4 vectors = 24 accumulators.
+const MR: usize = 6;
 /// Lanes of the dot products of the (out, in) kernel.
 const LANES: usize = 16;
+/// Weight rows per task of the (out, in) kernel: 768 KiB of a 768-wide matrix.
+const OUT_IN_BLOCK: usize = 256;
 
-/// out (rows, oc) = inp (rows, c) @ w (c, oc) + bias, w row-major (`WeightLayout::InOut`).
+/// Where panel `p` of a packed (c, oc) weight starts, and its width.
+#[inline]
+fn panel_at(p: usize, c: usize, oc: usize) -> (usize, usize) {
+    let j0 = p * PANEL;
+    (j0 * c, PANEL.min(oc - j0))
+}
+
+/// Rearranges `w` (c, oc), row-major, into `packed` (the same size): panel `p` holds columns
+/// `p*PANEL..` (the last may be narrower, width `wp`), starting at `p*PANEL*c`, with element
+/// (i, j) at `i*wp + (j - p*PANEL)` from there.
+pub fn pack_in_out(packed: &mut [f32], w: &[f32], c: usize, oc: usize) {
+    assert!(packed.len() == c * oc && w.len() == c * oc, "pack_in_out: sizes");
+    for p in 0..oc.div_ceil(PANEL) {
+        let (at, wp) = panel_at(p, c, oc);
+        let j0 = p * PANEL;
+        for i in 0..c {
+            packed[at + i * wp..][..wp].copy_from_slice(&w[i * oc + j0..][..wp]);
+        }
+    }
+}
+
+/// out (rows, oc) = inp (rows, c) @ w (c, oc) + bias, with `w` packed by [`pack_in_out`].
 ///
 /// Element (r, j) is `bias[j] + sum_i inp[r,i] * w[i,j]`, accumulated with fused
-/// multiply-adds in increasing `i`.
+/// multiply-adds in increasing `i` (0 in place of a missing bias).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_in_out(
+pub fn forward_packed(
     out: &mut [f32],
     inp: &[f32],
-    w: &[f32],
+    packed: &[f32],
     bias: Option<&[f32]>,
     rows: usize,
     c: usize,
     oc: usize,
 ) {
-    assert!(out.len() >= rows * oc && inp.len() >= rows * c && w.len() >= c * oc);
+    assert!(out.len() >= rows * oc && inp.len() >= rows * c && packed.len() >= c * oc);
     assert!(bias.is_none_or(|b| b.len() >= oc));
     let op = SendPtr(out.as_mut_ptr());
-    (0..oc.div_ceil(NB)).into_par_iter().for_each(|blk| {
-        let j0 = blk * NB;
-        let nb = NB.min(oc - j0);
-        let mut r0 = 0;
-        while r0 < rows {
-            let rt = RT.min(rows - r0);
-            // SAFETY: this task alone writes columns j0..j0+nb of every row.
-            let dst = DstTile { ptr: op, ld: oc, r0, j0 };
-            if nb == NB {
-                match rt {
-                    4 => tile4(dst, inp, w, bias, c, oc),
-                    _ => tile_any(dst, inp, w, bias, c, oc, rt, nb),
-                }
-            } else {
-                tile_any(dst, inp, w, bias, c, oc, rt, nb);
-            }
-            r0 += rt;
-        }
+    (0..oc.div_ceil(PANEL)).into_par_iter().for_each(|p| {
+        let (at, wp) = panel_at(p, c, oc);
+        let w = &packed[at..at + c * wp];
+        let b = bias.map(|b| &b[p * PANEL..p * PANEL + wp]);
+        // SAFETY: this task alone writes columns p*PANEL.. p*PANEL+wp of every row.
+        let dst = DstTile { ptr: op, ld: oc, r0: 0, j0: p * PANEL };
+        panel(dst, inp, w, b, rows, c, wp);
     });
 }
 
@@ -69,145 +91,291 @@ impl DstTile {
     /// # Safety
     /// The element must be inside the output and written by this tile alone.
     #[inline(always)]
-    unsafe fn write(self, r: usize, j: usize, x: f32) {
-        unsafe { *self.ptr.get().add((self.r0 + r) * self.ld + self.j0 + j) = x };
+    unsafe fn at(self, r: usize, j: usize) -> *mut f32 {
+        unsafe { self.ptr.get().add((self.r0 + r) * self.ld + self.j0 + j) }
     }
 }
 
-math::multiversion! {
-    /// A full tile: 4 rows by 64 columns.
-    fn tile4(dst: DstTile, inp: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize, oc: usize) {
-        let mut acc = [[0.0f32; NB]; RT];
-        for a in acc.iter_mut() {
-            match bias {
-                Some(b) => a.copy_from_slice(&b[dst.j0..dst.j0 + NB]),
-                None => a.fill(0.0),
-            }
-        }
-        let x: [&[f32]; RT] = std::array::from_fn(|r| &inp[(dst.r0 + r) * c..][..c]);
-        for i in 0..c {
-            let wr: &[f32; NB] = w[i * oc + dst.j0..][..NB].try_into().expect("block");
-            for r in 0..RT {
-                let a = x[r][i];
-                for j in 0..NB {
-                    acc[r][j] = a.mul_add(wr[j], acc[r][j]);
+/// Every row against one panel (`w` is the panel, (c, wp)).
+fn panel(
+    dst: DstTile,
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    c: usize,
+    wp: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if wp == PANEL && avx512::available() {
+        let mut r0 = 0;
+        while r0 < rows {
+            let rt = MR.min(rows - r0);
+            let d = DstTile { r0, ..dst };
+            let x = &inp[r0 * c..(r0 + rt) * c];
+            // SAFETY: the CPU has AVX-512; the tile is inside `out` and `x`, `w`, `bias` hold
+            // rt rows of c, c rows of PANEL and PANEL values (checked by the slicing above).
+            unsafe {
+                match rt {
+                    6 => avx512::panel_tile::<6>(d, x, w, bias, c),
+                    5 => avx512::panel_tile::<5>(d, x, w, bias, c),
+                    4 => avx512::panel_tile::<4>(d, x, w, bias, c),
+                    3 => avx512::panel_tile::<3>(d, x, w, bias, c),
+                    2 => avx512::panel_tile::<2>(d, x, w, bias, c),
+                    _ => avx512::panel_tile::<1>(d, x, w, bias, c),
                 }
             }
+            r0 += rt;
         }
-        for (r, a) in acc.iter().enumerate() {
-            for (j, &v) in a.iter().enumerate() {
-                // SAFETY: see `forward_in_out`.
-                unsafe { dst.write(r, j, v) };
-            }
-        }
+        return;
+    }
+    let mut r0 = 0;
+    while r0 < rows {
+        let rt = 4.min(rows - r0);
+        panel_portable(DstTile { r0, ..dst }, inp, w, bias, c, wp, rt);
+        r0 += rt;
     }
 }
 
 math::multiversion! {
-    /// A partial tile (fewer rows or columns): the same arithmetic in the same order.
+    /// Up to 4 rows against a panel of width `wp`: the same arithmetic as the AVX-512 tile.
     #[allow(clippy::too_many_arguments)]
-    fn tile_any(
+    fn panel_portable(
         dst: DstTile,
         inp: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
         c: usize,
-        oc: usize,
+        wp: usize,
         rt: usize,
-        nb: usize,
     ) {
-        let mut acc = [[0.0f32; NB]; RT];
-        for a in acc[..rt].iter_mut() {
-            match bias {
-                Some(b) => a[..nb].copy_from_slice(&b[dst.j0..dst.j0 + nb]),
-                None => a.fill(0.0),
+        let mut acc = [[0.0f32; PANEL]; 4];
+        if let Some(b) = bias {
+            for a in acc[..rt].iter_mut() {
+                a[..wp].copy_from_slice(b);
             }
         }
         for i in 0..c {
-            let wr = &w[i * oc + dst.j0..][..nb];
+            let wr = &w[i * wp..][..wp];
             for (r, a) in acc[..rt].iter_mut().enumerate() {
                 let x = inp[(dst.r0 + r) * c + i];
-                for (s, &wv) in a[..nb].iter_mut().zip(wr) {
+                for (s, &wv) in a[..wp].iter_mut().zip(wr) {
                     *s = x.mul_add(wv, *s);
                 }
             }
         }
         for (r, a) in acc[..rt].iter().enumerate() {
-            for (j, &v) in a[..nb].iter().enumerate() {
-                // SAFETY: see `forward_in_out`.
-                unsafe { dst.write(r, j, v) };
+            for (j, &v) in a[..wp].iter().enumerate() {
+                // SAFETY: see `forward_packed`.
+                unsafe { *dst.at(r, j) = v };
             }
         }
     }
 }
 
 /// out (rows, oc) = inp (rows, c) @ w^T for w (oc, c) row-major (`WeightLayout::OutIn`, the
-/// tied LM head). Element (r, j) is a 16-lane fused dot product of row r and weight row j.
+/// tied LM head). Element (r, j) is a 16-lane fused dot product of input row r and weight
+/// row j: lane l sums the terms i ≡ l (mod 16) in increasing i, the lanes are added in
+/// order, then the terms past the last multiple of 16 (summed in order) are added.
 pub fn forward_out_in(out: &mut [f32], inp: &[f32], w: &[f32], rows: usize, c: usize, oc: usize) {
     assert!(out.len() >= rows * oc && inp.len() >= rows * c && w.len() >= c * oc);
     let op = SendPtr(out.as_mut_ptr());
-    const CHUNK: usize = 256;
-    (0..oc.div_ceil(CHUNK)).into_par_iter().for_each(|blk| {
-        let j0 = blk * CHUNK;
-        let j1 = (j0 + CHUNK).min(oc);
+    (0..oc.div_ceil(OUT_IN_BLOCK)).into_par_iter().for_each(|blk| {
+        let j0 = blk * OUT_IN_BLOCK;
+        let j1 = (j0 + OUT_IN_BLOCK).min(oc);
         dots_block(op, inp, w, rows, c, oc, j0, j1);
     });
 }
 
+/// Weight rows j0..j1 against every input row, four weight rows at a time, so that each
+/// group of four is read from memory once and from cache for the other input rows.
+#[allow(clippy::too_many_arguments)]
+fn dots_block(
+    op: SendPtr,
+    inp: &[f32],
+    w: &[f32],
+    rows: usize,
+    c: usize,
+    oc: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let mut j = j0;
+    while j < j1 {
+        let n = 4.min(j1 - j);
+        let wr: [&[f32]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
+        let dst = DstTile { ptr: op, ld: oc, r0: 0, j0: j };
+        let mut r0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            while r0 < rows {
+                let rt = 4.min(rows - r0);
+                let x = &inp[r0 * c..(r0 + rt) * c];
+                let d = DstTile { r0, ..dst };
+                // SAFETY: the CPU has AVX-512; `x` holds rt rows of c and each `wr` c values;
+                // this task alone writes columns j0..j1.
+                unsafe {
+                    match rt {
+                        4 => avx512::dots::<4>(d, x, wr, c, n),
+                        3 => avx512::dots::<3>(d, x, wr, c, n),
+                        2 => avx512::dots::<2>(d, x, wr, c, n),
+                        _ => avx512::dots::<1>(d, x, wr, c, n),
+                    }
+                }
+                r0 += rt;
+            }
+        }
+        for r in r0..rows {
+            let d = dot4(&inp[r * c..][..c], wr);
+            for (q, &v) in d[..n].iter().enumerate() {
+                // SAFETY: this task alone writes columns j0..j1.
+                unsafe { *dst.at(r, q) = v };
+            }
+        }
+        j += n;
+    }
+}
+
 math::multiversion! {
-    /// Weight rows j0..j1 against every input row, four weight rows at a time so each input
-    /// chunk is loaded once for four independent accumulator chains.
-    #[allow(clippy::too_many_arguments)]
-    fn dots_block(
-        op: SendPtr,
-        inp: &[f32],
-        w: &[f32],
-        rows: usize,
-        c: usize,
-        oc: usize,
-        j0: usize,
-        j1: usize,
-    ) {
-        let mut j = j0;
-        while j < j1 {
-            let n = 4.min(j1 - j);
-            let wr: [&[f32]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
-            for r in 0..rows {
-                let x = &inp[r * c..][..c];
-                let d = dot4(x, wr);
-                for (q, &v) in d[..n].iter().enumerate() {
-                    // SAFETY: this task alone writes columns j0..j1.
-                    unsafe { *op.get().add(r * oc + j + q) = v };
+    /// Four dot products of `x` with `w[q]`, each exactly as [`forward_out_in`] defines it.
+    fn dot4_into(out: &mut [f32; 4], x: &[f32], w: [&[f32]; 4]) {
+        let mut acc = [[0.0f32; LANES]; 4];
+        let full = x.len() - x.len() % LANES;
+        let mut i = 0;
+        while i < full {
+            let xs: &[f32; LANES] = x[i..i + LANES].try_into().expect("chunk");
+            for q in 0..4 {
+                let ws: &[f32; LANES] = w[q][i..i + LANES].try_into().expect("chunk");
+                for l in 0..LANES {
+                    acc[q][l] = xs[l].mul_add(ws[l], acc[q][l]);
                 }
             }
-            j += n;
+            i += LANES;
+        }
+        for q in 0..4 {
+            out[q] = finish_dot(&acc[q], x, w[q], full);
         }
     }
 }
 
-/// Four dot products of `x` with `w[q]`, each exactly as a lone 16-lane fused dot product.
-#[inline(always)]
 fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0.0f32; LANES]; 4];
-    let full = x.len() - x.len() % LANES;
-    let mut i = 0;
-    while i < full {
-        let xs: &[f32; LANES] = x[i..i + LANES].try_into().expect("chunk");
-        for q in 0..4 {
-            let ws: &[f32; LANES] = w[q][i..i + LANES].try_into().expect("chunk");
-            for l in 0..LANES {
-                acc[q][l] = xs[l].mul_add(ws[l], acc[q][l]);
+    let mut out = [0.0; 4];
+    dot4_into(&mut out, x, w);
+    out
+}
+
+/// The lanes of a dot product added in order, then its tail terms `full..` (in order).
+#[inline(always)]
+fn finish_dot(lanes: &[f32; LANES], x: &[f32], w: &[f32], full: usize) -> f32 {
+    let mut tail = 0.0f32;
+    for k in full..x.len() {
+        tail = x[k].mul_add(w[k], tail);
+    }
+    lanes.iter().fold(0.0f32, |s, &a| s + a) + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{finish_dot, DstTile, LANES, PANEL};
+
+    /// Whether the CPU runs the kernels of this module (cached by std after the first call).
+    #[inline]
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// `R` rows of `x` (R, c) against a full panel `w` (c, PANEL), into `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `dst` covers R rows of PANEL columns written by this call
+    /// alone; `x`, `w` and `bias` have R*c, c*PANEL and PANEL elements.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn panel_tile<const R: usize>(
+        dst: DstTile,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        c: usize,
+    ) {
+        debug_assert!(x.len() >= R * c && w.len() >= c * PANEL);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        if let Some(b) = bias {
+            // SAFETY: `b` has PANEL = 64 values.
+            let bv: [__m512; 4] =
+                std::array::from_fn(|q| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * q)) });
+            acc = [bv; R];
+        }
+        for i in 0..c {
+            // SAFETY: i < c, so the row i*PANEL.. of the panel and element (r, i) of x exist.
+            unsafe {
+                let row = wp.add(i * PANEL);
+                let w0 = _mm512_loadu_ps(row);
+                let w1 = _mm512_loadu_ps(row.add(16));
+                let w2 = _mm512_loadu_ps(row.add(32));
+                let w3 = _mm512_loadu_ps(row.add(48));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xp.add(r * c + i));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    a[2] = _mm512_fmadd_ps(xv, w2, a[2]);
+                    a[3] = _mm512_fmadd_ps(xv, w3, a[3]);
+                }
             }
         }
-        i += LANES;
-    }
-    std::array::from_fn(|q| {
-        let mut tail = 0.0f32;
-        for k in full..x.len() {
-            tail = x[k].mul_add(w[q][k], tail);
+        for (r, a) in acc.iter().enumerate() {
+            for (q, &v) in a.iter().enumerate() {
+                // SAFETY: (r, 16q..16q+16) is inside the tile.
+                unsafe { _mm512_storeu_ps(dst.at(r, 16 * q), v) };
+            }
         }
-        acc[q].iter().fold(0.0f32, |s, &a| s + a) + tail
-    })
+    }
+
+    /// `R` rows of `x` (R, c) dotted with the weight rows `w[..n]`, into columns 0..n of
+    /// `dst`; the same sums as `dot4`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `dst` covers R rows of n columns written by this call alone;
+    /// `x` has R*c elements and each `w[q]` c.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dots<const R: usize>(
+        dst: DstTile,
+        x: &[f32],
+        w: [&[f32]; 4],
+        c: usize,
+        n: usize,
+    ) {
+        let full = c - c % LANES;
+        let xp = x.as_ptr();
+        let wp: [*const f32; 4] = w.map(|s| s.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= c.
+            unsafe {
+                let wv: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(wp[q].add(i)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(xp.add(r * c + i));
+                    for q in 0..4 {
+                        a[q] = _mm512_fmadd_ps(xv, wv[q], a[q]);
+                    }
+                }
+            }
+            i += LANES;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let xr = &x[r * c..(r + 1) * c];
+            for (q, &v) in a[..n].iter().enumerate() {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+                // SAFETY: (r, q) is inside the tile.
+                unsafe { *dst.at(r, q) = finish_dot(&lanes, xr, w[q], full) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -224,41 +392,62 @@ mod tests {
         rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
     }
 
-    #[test]
-    fn in_out_matches_naive_and_is_independent_of_row_count() {
-        for (c, oc) in [(32, 96), (48, 200), (64, 128)] {
-            let rows = 7;
-            let (inp, w, b) = (data(rows * c, 1), data(c * oc, 2), data(oc, 3));
-            let mut all = vec![0.0; rows * oc];
-            pool().install(|| forward_in_out(&mut all, &inp, &w, Some(&b), rows, c, oc));
-            for r in 0..rows {
-                for j in 0..oc {
-                    let want: f64 = b[j] as f64
-                        + (0..c).map(|i| inp[r * c + i] as f64 * w[i * oc + j] as f64).sum::<f64>();
-                    assert!((all[r * oc + j] as f64 - want).abs() < 1e-4, "({r},{j})");
+    /// The defined sum, one element at a time.
+    fn reference(inp: &[f32], w: &[f32], b: &[f32], rows: usize, c: usize, oc: usize) -> Vec<f32> {
+        let mut out = vec![0.0; rows * oc];
+        for r in 0..rows {
+            for j in 0..oc {
+                let mut s = b[j];
+                for i in 0..c {
+                    s = inp[r * c + i].mul_add(w[i * oc + j], s);
                 }
-                let mut one = vec![0.0; oc];
-                let x = &inp[r * c..(r + 1) * c];
-                pool().install(|| forward_in_out(&mut one, x, &w, Some(&b), 1, c, oc));
-                assert_eq!(one, all[r * oc..(r + 1) * oc], "row {r} alone differs (c={c})");
+                out[r * oc + j] = s;
             }
+        }
+        out
+    }
+
+    #[test]
+    fn packed_has_the_bits_of_the_defined_sum_for_any_row_count() {
+        for (c, oc) in [(32, 96), (48, 200), (64, 128), (17, 64)] {
+            let rows = 13;
+            let (inp, w, b) = (data(rows * c, 1), data(c * oc, 2), data(oc, 3));
+            let mut packed = vec![0.0; c * oc];
+            pack_in_out(&mut packed, &w, c, oc);
+            let want = reference(&inp, &w, &b, rows, c, oc);
+            for n in [rows, 1, 2, 5, 6, 7] {
+                let mut out = vec![0.0; n * oc];
+                let x = &inp[..n * c];
+                pool().install(|| forward_packed(&mut out, x, &packed, Some(&b), n, c, oc));
+                assert_eq!(out, want[..n * oc], "{n} rows (c={c}, oc={oc})");
+            }
+            let mut out = vec![0.0; rows * oc];
+            forward_packed(&mut out, &inp, &packed, None, rows, c, oc);
+            let zero = vec![0.0; oc];
+            assert_eq!(out, reference(&inp, &w, &zero, rows, c, oc));
         }
     }
 
     #[test]
     fn out_in_matches_naive_and_is_independent_of_row_count() {
-        let (rows, c, oc) = (5, 40, 70);
-        let (inp, w) = (data(rows * c, 4), data(oc * c, 5));
-        let mut all = vec![0.0; rows * oc];
-        pool().install(|| forward_out_in(&mut all, &inp, &w, rows, c, oc));
-        for r in 0..rows {
-            for j in 0..oc {
-                let want: f64 = (0..c).map(|i| inp[r * c + i] as f64 * w[j * c + i] as f64).sum();
-                assert!((all[r * oc + j] as f64 - want).abs() < 1e-4, "({r},{j})");
+        for (rows, c, oc) in [(5, 40, 70), (9, 64, 37), (3, 16, 4)] {
+            let (inp, w) = (data(rows * c, 4), data(oc * c, 5));
+            let mut all = vec![0.0; rows * oc];
+            pool().install(|| forward_out_in(&mut all, &inp, &w, rows, c, oc));
+            for r in 0..rows {
+                for j in 0..oc {
+                    let want: f64 =
+                        (0..c).map(|i| inp[r * c + i] as f64 * w[j * c + i] as f64).sum();
+                    assert!((all[r * oc + j] as f64 - want).abs() < 1e-4, "({r},{j})");
+                    let x = &inp[r * c..(r + 1) * c];
+                    let d = dot4(x, [&w[j * c..(j + 1) * c]; 4]);
+                    assert_eq!(all[r * oc + j], d[0], "({r},{j}) differs from dot4");
+                }
+                let mut one = vec![0.0; oc];
+                let x = &inp[r * c..(r + 1) * c];
+                pool().install(|| forward_out_in(&mut one, x, &w, 1, c, oc));
+                assert_eq!(one, all[r * oc..(r + 1) * oc]);
             }
-            let mut one = vec![0.0; oc];
-            pool().install(|| forward_out_in(&mut one, &inp[r * c..(r + 1) * c], &w, 1, c, oc));
-            assert_eq!(one, all[r * oc..(r + 1) * oc]);
         }
     }
 }

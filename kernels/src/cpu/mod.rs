@@ -6,6 +6,7 @@ mod attention;
 mod crossentropy;
 mod encoder;
 mod gelu;
+mod kv_attention;
 mod layernorm;
 mod matmul;
 pub mod matvec;
@@ -16,7 +17,8 @@ use rayon::prelude::*;
 
 use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
-pub use attention::{attention_cached, MAX_SEQ_LEN};
+pub use attention::MAX_SEQ_LEN;
+pub use kv_attention::attention_cached;
 
 /// Rows below this many elements are not worth sending to another thread.
 const MIN_PAR_ELEMS: usize = 1 << 14;

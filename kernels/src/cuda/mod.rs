@@ -1,26 +1,38 @@
-//! The CUDA backend's entry point: device names, the device probe, and the kernels that the
-//! backend will launch.
+//! The CUDA backend: device names, the device probe, and [`CudaBackend`] (feature `cuda`).
 //!
 //! Layout:
 //! - [`Device`]: `cpu`, `cuda` or `cuda:N`, as the CLI takes it.
 //! - [`probe`]: checks that a CUDA device can be used, or says in one line why not.
 //! - [`sources`]: the `.cu` kernels (one file per op, in `kernels/`), embedded as strings.
 //! - `nvrtc` (feature `cuda`): compiles those sources to PTX at run time with NVRTC.
+//! - `backend` (feature `cuda`): [`CudaBackend`]: context, stream, buffers and views, kernel
+//!   modules compiled on first use and cached per module, launches, the first-error slot.
+//! - `ops` (feature `cuda`): the [`crate::Backend`] ops, each launching its `.cu` kernels.
+//! - `blas` (feature `cuda`): the matmuls through cuBLAS `sgemm`.
 //!
 //! Without the `cuda` feature nothing here touches CUDA and [`probe`] always returns
-//! [`KernelError::NoCuda`], so callers carry no `cfg`s. With it, cudarc loads the CUDA
+//! [`KernelError::NoCuda`] (the CLI calls it, so `--device cuda` fails in one line either
+//! way; only code that builds a `CudaBackend` carries a `cfg`). With it, cudarc loads the CUDA
 //! libraries at run time (dynamic loading): the binary builds and starts on a machine without
 //! CUDA. cudarc panics when a library it needs is missing, so each library's presence is
-//! checked before the first call into it.
-//!
-//! Not written yet: the [`crate::Backend`] implementation (device buffers, cuBLAS for the
-//! matmuls, launching these kernels). Until it is, [`probe`] reports a usable device as not
-//! usable, so `ferrite train --device cuda` never silently falls back to the CPU.
+//! checked before the first call into it (libcuda, libnvrtc, libcublas; libnccl in the
+//! worker's NCCL collective).
 
 pub mod sources;
 
 #[cfg(feature = "cuda")]
+mod backend;
+#[cfg(feature = "cuda")]
+mod blas;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+mod ops;
+
+#[cfg(feature = "cuda")]
+pub use backend::{CudaBackend, CudaIBuf, CudaView, CudaViewMut};
+#[cfg(feature = "cuda")]
+pub use ops::ATT_HS_MAX;
 
 use crate::KernelError;
 
@@ -45,9 +57,10 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Checks that CUDA device `ordinal` can be used.
+/// Checks that CUDA device `ordinal` can be used: in a build without the `cuda` feature it
+/// never can.
 #[cfg(not(feature = "cuda"))]
-pub fn probe(ordinal: usize) -> Result<(), KernelError> {
+pub fn probe(ordinal: usize) -> Result<String, KernelError> {
     Err(KernelError::NoCuda(format!(
         "cuda:{ordinal} requested, but this build of ferrite has no CUDA support \
          (built without the `cuda` feature); use --device cpu"
@@ -55,14 +68,26 @@ pub fn probe(ordinal: usize) -> Result<(), KernelError> {
 }
 
 /// Checks that CUDA device `ordinal` can be used: the driver library loads, the driver
-/// starts, and a device with that ordinal exists.
+/// starts, a device with that ordinal exists, and the NVRTC and cuBLAS libraries the backend
+/// needs can be loaded. Returns the device's name. [`CudaBackend::new`] checks the same
+/// before it touches the device.
 #[cfg(feature = "cuda")]
-pub fn probe(ordinal: usize) -> Result<(), KernelError> {
+pub fn probe(ordinal: usize) -> Result<String, KernelError> {
     let name = driver::device_name(ordinal)?;
-    Err(KernelError::NoCuda(format!(
-        "cuda:{ordinal} ({name}) found, but ferrite's CUDA backend is not written yet; \
-         use --device cpu"
-    )))
+    if !nvrtc::available() {
+        return Err(KernelError::NoCuda(format!(
+            "cuda:{ordinal} ({name}) found, but {}",
+            nvrtc::NvrtcError::Missing
+        )));
+    }
+    // SAFETY: only tries to dlopen the candidate names; calls nothing from the library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(KernelError::NoCuda(format!(
+            "cuda:{ordinal} ({name}) found, but the cuBLAS library (libcublas) was not; put \
+             the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
+        )));
+    }
+    Ok(name)
 }
 
 #[cfg(feature = "cuda")]
@@ -85,9 +110,10 @@ mod driver {
                  found on this machine; use --device cpu"
             )));
         }
-        result::init().map_err(|e| no_cuda("the CUDA driver did not start", e))?;
-        let count =
-            result::device::get_count().map_err(|e| no_cuda("could not count CUDA devices", e))?;
+        result::init()
+            .map_err(|e| no_cuda(&format!("cuda:{ordinal}: the CUDA driver did not start"), e))?;
+        let count = result::device::get_count()
+            .map_err(|e| no_cuda(&format!("cuda:{ordinal}: could not count CUDA devices"), e))?;
         let count = usize::try_from(count).unwrap_or(0);
         if ordinal >= count {
             return Err(KernelError::NoCuda(format!(
@@ -96,6 +122,7 @@ mod driver {
         }
         let dev = result::device::get(ordinal as i32)
             .map_err(|e| no_cuda(&format!("cuda:{ordinal} could not be opened"), e))?;
-        result::device::get_name(dev).map_err(|e| no_cuda("could not read the device name", e))
+        result::device::get_name(dev)
+            .map_err(|e| no_cuda(&format!("cuda:{ordinal}: could not read the device name"), e))
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! - [`Collective`]: the trait the trainer calls; [`Single`] for one process.
 //! - [`ring`]: [`RingCollective`], a CPU all-reduce over a TCP ring.
+//! - `nccl` (feature `cuda`): `NcclCollective`, GPU all-reduce through NCCL.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 pub use ring::{RingAbort, RingCollective, RingConfig};

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Data-parallel scaling on this machine, beside PyTorch DDP (gloo): the GPT-2-124M-shaped
+# step (12 layers, 768 wide, vocabulary 50304 padded, T=256) at a global batch of 8, on one
+# worker with one thread against two workers with one thread each (batch 4 each), through
+# the real cluster: a coordinator, `ferrite worker`s over the TCP ring and a submitted job,
+# timed from the `step_ms` of its metrics.jsonl (median after the first step).
+# Prints a Markdown table: each side's step times and its scaling (1-worker time / 2-worker
+# time, ideally 2).
+#   bench/scaling.sh [corpus.txt]      (default: ../shared/data/tinyshakespeare.txt)
+#   STEPS=4
+set -euo pipefail
+cd "$(dirname "$0")/.."
+corpus=${1:-../shared/data/tinyshakespeare.txt}
+steps=${STEPS:-4}
+F=${FERRITE:-target/release/ferrite}
+[ -x "$F" ] || cargo build --release --bin ferrite >&2
+P=${PYTHON:-.venv/bin/python}
+[ -x "$P" ] || bash bench/setup.sh >&2
+
+source bench/cluster-lib.sh
+
+"$F" data prepare --tokenizer gpt2 --out "$work/data" "$corpus" >&2
+start coordinator coordinator --listen 127.0.0.1:0 --store "embedded:$work/coord.redb"
+url="http://$addr"
+for n in 0 1; do
+    start "worker-$n" worker --coordinator "$url" --threads 1 --listen 127.0.0.1:0
+done
+
+# Runs the step on $1 workers of batch $2; prints the median step_ms after the first step.
+ferrite_step_ms() {
+    local name="w$1"
+    cat >"$work/$name.toml" <<TOML
+name = "scaling-$name"
+[model]
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 256
+[data]
+dir = "$work/data"
+[train]
+batch_size = $2
+max_steps = $steps
+learning_rate = 6e-4
+warmup_steps = 1
+lr_decay_steps = $steps
+eval_interval = 0
+seed = 1
+[output]
+dir = "$work/$name"
+checkpoint_interval = 0
+keep_checkpoints = 1
+[cluster]
+workers = $1
+TOML
+    local id
+    id=$("$F" job submit "$work/$name.toml" --coordinator "$url" | grep -o 'job-[0-9]*' | head -n 1)
+    wait_succeeded "$id" "$url"
+    python3 - "$work/$name/metrics.jsonl" <<'PY'
+import json, statistics, sys
+ms = [json.loads(l)["step_ms"] for l in open(sys.argv[1])][1:]
+print(round(statistics.median(ms), 1))
+PY
+}
+
+echo "ferrite: 1 worker x batch 8, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+f1=$(ferrite_step_ms 1 8)
+echo "ferrite: 2 workers x batch 4, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+f2=$(ferrite_step_ms 2 4)
+torch_ms() {
+    "$P" bench/torch_gpt.py ddp --threads 1 --world "$1" --global-batch 8 --steps "$steps" \
+        --vocab-size 50257 --block-size 256 |
+        tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ms_per_step"])'
+}
+echo "pytorch DDP: world 1, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+t1=$(torch_ms 1)
+echo "pytorch DDP: world 2, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+t2=$(torch_ms 2)
+F1=$f1 F2=$f2 T1=$t1 T2=$t2 python3 - <<'PY'
+import os
+f1, f2, t1, t2 = (float(os.environ[k]) for k in ("F1", "F2", "T1", "T2"))
+print("| GPT-2-124M step, global batch 8, T=256 | 1 × 1 thread, ms | 2 × 1 thread, ms | scaling |")
+print("|---|---|---|---|")
+print(f"| Ferrite (TCP ring, `ferrite worker`s) | {f1:.0f} | {f2:.0f} | {f1 / f2:.2f} |")
+print(f"| PyTorch DDP (gloo) | {t1:.0f} | {t2:.0f} | {t1 / t2:.2f} |")
+PY
