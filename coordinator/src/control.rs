@@ -619,3 +619,54 @@ fn job_file(spec: &JobSpec) -> Option<ferrite_model::JobSpec> {
 fn data_seed(spec: &JobSpec) -> u64 {
     job_file(spec).map_or(0, |f| f.train.seed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobKind;
+    use crate::{EmbeddedStore, Store};
+
+    #[tokio::test]
+    async fn a_job_fails_with_the_reason_once_its_restarts_are_spent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path().join("s")).unwrap());
+        let jobs = JobRegistry::new(store.clone());
+        let control = Controller::new(
+            jobs.clone(),
+            CheckpointRegistry::new(store.clone()),
+            WorkerRegistry::new(store, Duration::from_secs(5)),
+        );
+        let spec = JobSpec {
+            toml: "[train]\nmax_steps = 10\n".into(),
+            name: "flaky".into(),
+            kind: JobKind::Pretrain,
+            workers: 1,
+            min_workers: 1,
+            priority: 0,
+            device: None,
+            max_restarts: 1,
+        };
+        let id = jobs.submit(spec).await.unwrap().id;
+        let w = WorkerId::new("w-000001");
+        let fail = |attempt| FromWorker::Finished {
+            task: TaskRef { job: id.clone(), attempt, rank: 0 },
+            succeeded: false,
+            message: "out of memory".into(),
+            final_step: 3,
+        };
+        jobs.start(&id, vec![w.clone()], "first").await.unwrap();
+        control.handle(&w, fail(1)).await.unwrap();
+        let job = jobs.get(&id).await.unwrap();
+        assert_eq!(job.state, JobState::Recovering);
+        assert!(job.reason.contains("restart 1 of 1"), "{}", job.reason);
+        // A late report about the ended attempt changes nothing.
+        control.handle(&w, fail(1)).await.unwrap();
+        assert_eq!(jobs.get(&id).await.unwrap().state, JobState::Recovering);
+        jobs.start(&id, vec![w.clone()], "second").await.unwrap();
+        control.handle(&w, fail(2)).await.unwrap();
+        let job = jobs.get(&id).await.unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.reason.contains("out of memory"), "{}", job.reason);
+        assert!(job.reason.contains("no restarts left (max_restarts = 1)"), "{}", job.reason);
+    }
+}
