@@ -3,172 +3,31 @@
 //! dashboard in headless Chromium. Every process binds port 0; the harness reads its
 //! addresses from its `READY addr=… http=…` line.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod harness;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const FERRITE: &str = env!("CARGO_BIN_EXE_ferrite");
+use harness::Cluster;
 
-/// A child process that printed its READY line, killed on drop.
-struct Proc {
-    child: Child,
-    ready: String,
-    _stdout: BufReader<ChildStdout>,
+/// A coordinator and `workers` workers, all with `--http-listen` and logs in `log_format`,
+/// and a small corpus.
+fn start(workers: usize, log_format: &str) -> Cluster {
+    let extra = ["--http-listen", "127.0.0.1:0", "--log-format", log_format];
+    let cluster = Cluster::start_full(None, 1, workers, "2s", &extra);
+    cluster.prepare_data();
+    cluster
 }
 
-impl Proc {
-    fn start(mut cmd: Command, log: &Path) -> Proc {
-        let log = std::fs::File::create(log).unwrap();
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start ferrite");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read READY line");
-        if !line.starts_with("READY addr=") {
-            let _ = child.kill();
-            panic!("expected READY addr=..., got {line:?}");
-        }
-        Proc { child, ready: line.trim_end().to_owned(), _stdout: stdout }
-    }
-
-    /// The value of `key=` on the READY line.
-    fn field(&self, key: &str) -> String {
-        let prefix = format!("{key}=");
-        let found = self.ready.split_whitespace().find_map(|w| w.strip_prefix(&prefix));
-        found.unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready)).to_owned()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A coordinator and its workers, all with `--http-listen`, in one temp dir.
-struct Cluster {
-    dir: tempfile::TempDir,
-    coordinator: Proc,
-    workers: Vec<Proc>,
-}
-
-impl Cluster {
-    fn start(workers: usize, log_format: &str) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("embedded:{}", dir.path().join("coord.redb").display());
-        let mut cmd = Command::new(FERRITE);
-        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args(["--store", &store, "--log-format", log_format]);
-        let coordinator = Proc::start(cmd, &dir.path().join("coordinator.log"));
-        let mut cluster = Cluster { dir, coordinator, workers: Vec::new() };
-        for n in 0..workers {
-            let mut cmd = Command::new(FERRITE);
-            cmd.args(["worker", "--coordinator", &cluster.url(), "--threads", "1"])
-                .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-                .args(["--log-format", log_format]);
-            let w = Proc::start(cmd, &cluster.path(&format!("worker-{n}.log")));
-            cluster.workers.push(w);
-        }
-        cluster.prepare_data();
-        cluster
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.coordinator.field("addr"))
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// `ferrite <args> --coordinator URL`.
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(FERRITE)
-            .args(args)
-            .args(["--coordinator", &self.url()])
-            .env_remove("FERRITE_COORDINATOR")
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .expect("run ferrite")
-    }
-
-    fn logs(&self) -> String {
-        let mut all = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                all += &format!("--- {}\n", p.display());
-                all += &tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-                all += "\n";
-            }
-        }
-        all
-    }
-
-    fn ok(&self, out: &Output) -> String {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "failed: {err}\n{}", self.logs());
-        String::from_utf8(out.stdout.clone()).unwrap()
-    }
-
-    fn prepare_data(&self) {
-        let text: String = (0..300)
-            .map(|i| format!("line {} of a small corpus, said {}.\n", i % 9, i % 5))
-            .collect();
-        std::fs::write(self.path("corpus.txt"), text).unwrap();
-        let out = Command::new(FERRITE)
-            .args(["data", "prepare", "--tokenizer", "char", "--out"])
-            .arg(self.path("data"))
-            .arg(self.path("corpus.txt"))
-            .output()
-            .unwrap();
-        self.ok(&out);
-    }
-
-    /// Submits a job of 20 steps (eval and checkpoint every 10) and waits for it to end;
-    /// returns its id.
-    fn run_job(&self, workers: usize) -> String {
-        let text = format!(
-            r#"name = "tiny"
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-[data]
-dir = "{data}"
-[train]
-batch_size = 4
-max_steps = 20
-learning_rate = 1e-3
-warmup_steps = 5
-lr_decay_steps = 20
-eval_interval = 10
-eval_steps = 2
-seed = 7
-[output]
-dir = "{out}"
-checkpoint_interval = 10
-[cluster]
-workers = {workers}
-"#,
-            data = self.path("data").display(),
-            out = self.path("out").display(),
-        );
-        std::fs::write(self.path("job.toml"), text).unwrap();
-        let out = self.cli(&["job", "submit", self.path("job.toml").to_str().unwrap(), "--wait"]);
-        let stdout = self.ok(&out);
-        stdout.split_whitespace().find(|w| w.starts_with("job-")).expect("a job id").to_owned()
-    }
+/// Runs a job of 20 steps (eval and checkpoint every 10) to its end; returns its id.
+fn run_job(cluster: &Cluster, workers: usize) -> String {
+    let job = cluster.job("tiny", workers, 4, 20, "out");
+    let (out, id) = cluster.submit(&job, true);
+    cluster.ok(&out);
+    id
 }
 
 /// `GET path` over HTTP/1.1; (status, body).
@@ -205,8 +64,8 @@ fn decode_png(path: &Path) -> (u32, u32, Vec<[u8; 4]>) {
 
 #[test]
 fn job_plot_writes_png_and_svg_with_train_loss_val_loss_and_learning_rate() {
-    let cluster = Cluster::start(1, "text");
-    let id = cluster.run_job(1);
+    let cluster = start(1, "text");
+    let id = run_job(&cluster, 1);
 
     let png_path = cluster.path("loss.png");
     let args = ["job", "plot", &id, "--out", png_path.to_str().unwrap()];
@@ -248,9 +107,9 @@ fn job_plot_writes_png_and_svg_with_train_loss_val_loss_and_learning_rate() {
 
 #[test]
 fn coordinator_and_workers_serve_prometheus_metrics_and_json_logs_carry_the_rank() {
-    let cluster = Cluster::start(2, "json");
-    let id = cluster.run_job(2);
-    let http = cluster.coordinator.field("http");
+    let cluster = start(2, "json");
+    let id = run_job(&cluster, 2);
+    let http = cluster.coordinators[0].field("http");
 
     let (status, text) = http_get(&http, "/metrics");
     assert_eq!(status, 200);
@@ -313,7 +172,7 @@ fn coordinator_and_workers_serve_prometheus_metrics_and_json_logs_carry_the_rank
         }
     }
     assert!(found, "no checkpoint log line with spans\n{}", cluster.logs());
-    let log = std::fs::read_to_string(cluster.path("coordinator.log")).unwrap();
+    let log = std::fs::read_to_string(cluster.path("coordinator-0.log")).unwrap();
     assert!(log.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{log}");
 }
 
@@ -352,9 +211,9 @@ fn headless(bin: &str, profile: &Path, url: &str, args: &[&str]) -> String {
 
 #[test]
 fn dashboard_shows_jobs_workers_and_loss_curves_in_headless_chromium() {
-    let cluster = Cluster::start(1, "text");
-    let id = cluster.run_job(1);
-    let http = cluster.coordinator.field("http");
+    let cluster = start(1, "text");
+    let id = run_job(&cluster, 1);
+    let http = cluster.coordinators[0].field("http");
     let worker = cluster.workers[0].field("worker");
 
     // The JSON API the page draws from.

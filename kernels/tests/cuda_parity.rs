@@ -16,44 +16,19 @@
 //! - sum_squares: relative 1e-12 (both accumulate in f64), and bitwise equal across calls.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use ferrite_kernels::cuda::CudaBackend;
 use ferrite_kernels::{AdamW, Backend, CpuBackend, WeightLayout, IGNORE_INDEX};
 
-/// The GPU backend, or `None` (after saying why) when this machine has none.
+use common::Rng;
+
 fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(be) => Some(be),
-        Err(e) => {
-            if std::env::var("FERRITE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: FERRITE_REQUIRE_GPU=1 but no CUDA device: {e}");
-            }
-            eprintln!("skipping: no CUDA device ({e}) [{test}]");
-            None
-        }
-    }
+    ferrite_kernels::cuda::device_for_test(test)
 }
 
 fn cpu() -> CpuBackend {
     CpuBackend::new(2).unwrap()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
 }
 
 fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {

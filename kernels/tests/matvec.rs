@@ -1,20 +1,11 @@
 //! The decode linear layers (`cpu::matvec`) against a naive f64 reference at GPT-2 shapes,
 //! and their promise: a row's result has the same bits whatever rows it is computed with.
 
+mod common;
+
 use ferrite_kernels::cpu::matvec;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
+use common::Rng;
 
 fn pool() -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()

@@ -4,20 +4,11 @@
 //! sample of input coordinates is nudged by ±eps and the central difference compared with
 //! the analytic gradient within `abs + rel * |g|`.
 
+mod common;
+
 use ferrite_kernels::{AdamW, Backend, CpuBackend, WeightLayout, IGNORE_INDEX};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
+use common::Rng;
 
 fn cpu() -> CpuBackend {
     CpuBackend::new(2).unwrap()

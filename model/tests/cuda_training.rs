@@ -14,16 +14,7 @@ use ferrite_kernels::{AdamW, Backend, CpuBackend, IGNORE_INDEX};
 use ferrite_model::{Gpt, GptConfig};
 
 fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(be) => Some(be),
-        Err(e) => {
-            if std::env::var("FERRITE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: FERRITE_REQUIRE_GPU=1 but no CUDA device: {e}");
-            }
-            eprintln!("skipping: no CUDA device ({e}) [{test}]");
-            None
-        }
-    }
+    ferrite_kernels::cuda::device_for_test(test)
 }
 
 fn params_of<B: Backend>(be: &B, gpt: &Gpt<B>, buf: &B::Buf) -> Vec<f32> {

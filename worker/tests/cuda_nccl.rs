@@ -11,16 +11,7 @@ use ferrite_worker::collective::nccl::{nccl_available, NcclCollective, NcclId, N
 use ferrite_worker::Collective;
 
 fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(be) => Some(be),
-        Err(e) => {
-            if std::env::var("FERRITE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: FERRITE_REQUIRE_GPU=1 but no CUDA device: {e}");
-            }
-            eprintln!("skipping: no CUDA device ({e}) [{test}]");
-            None
-        }
-    }
+    ferrite_kernels::cuda::device_for_test(test)
 }
 
 /// Runs without a GPU: the id survives the trip through bytes (what the coordinator relays),

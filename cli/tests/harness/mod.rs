@@ -42,6 +42,13 @@ impl Proc {
         Proc { child, addr, ready_line: line.trim_end().to_owned(), _stdout: stdout }
     }
 
+    /// The value of `key=` on the READY line.
+    pub fn field(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        let found = self.ready_line.split_whitespace().find_map(|w| w.strip_prefix(&prefix));
+        found.unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready_line)).to_owned()
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, `KILL`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
@@ -71,6 +78,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub coordinators: Vec<Proc>,
     coordinator_args: Vec<String>,
+    /// Given to every coordinator and worker (`--http-listen`, `--log-format`).
+    extra_args: Vec<String>,
     /// Every coordinator started, dead or alive, as an operator lists them.
     coordinator_urls: Vec<String>,
     pub workers: Vec<Proc>,
@@ -89,6 +98,17 @@ impl Cluster {
         workers: usize,
         heartbeat: &str,
     ) -> Cluster {
+        Self::start_full(store, coordinators, workers, heartbeat, &[])
+    }
+
+    /// As [`Cluster::start_with`], with `extra` arguments for every coordinator and worker.
+    pub fn start_full(
+        store: Option<&str>,
+        coordinators: usize,
+        workers: usize,
+        heartbeat: &str,
+        extra: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let store = store.map_or_else(
             || format!("embedded:{}", dir.path().join("coord.redb").display()),
@@ -99,6 +119,7 @@ impl Cluster {
             dir,
             coordinators: Vec::new(),
             coordinator_args: args.map(str::to_owned).to_vec(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
             coordinator_urls: Vec::new(),
             workers: Vec::new(),
         };
@@ -116,6 +137,7 @@ impl Cluster {
     fn start_coordinator(&self, n: usize, listen: &str) -> Proc {
         let mut cmd = Command::new(FERRITE);
         cmd.args(["coordinator", "--listen", listen]).args(&self.coordinator_args);
+        cmd.args(&self.extra_args);
         Proc::start(cmd, &self.path(&format!("coordinator-{n}.log")))
     }
 
@@ -139,7 +161,8 @@ impl Cluster {
         let n = self.workers.len();
         let mut cmd = Command::new(FERRITE);
         cmd.args(["worker", "--coordinator", &self.url(), "--threads", "1"])
-            .args(["--listen", "127.0.0.1:0"]);
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&self.extra_args);
         let w = Proc::start(cmd, &self.path(&format!("worker-{n}.log")));
         assert!(w.ready_line.contains(" worker=w-"), "{}", w.ready_line);
         self.workers.push(w);

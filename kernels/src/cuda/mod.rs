@@ -34,6 +34,24 @@ pub use backend::{CudaBackend, CudaIBuf, CudaView, CudaViewMut};
 #[cfg(feature = "cuda")]
 pub use ops::ATT_HS_MAX;
 
+/// The GPU tests' rule: device 0's backend, or `None` after printing why it is skipped
+/// (`skipping: no CUDA device (…) [test]`); under `FERRITE_REQUIRE_GPU=1` (as
+/// `scripts/gpu-check.sh` sets it) a missing device panics instead, so a GPU run never
+/// passes by skipping.
+#[cfg(feature = "cuda")]
+pub fn device_for_test(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            if std::env::var("FERRITE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: FERRITE_REQUIRE_GPU=1 but no CUDA device: {e}");
+            }
+            eprintln!("skipping: no CUDA device ({e}) [{test}]");
+            None
+        }
+    }
+}
+
 use crate::KernelError;
 
 /// Parses a device name such as `cpu`, `cuda` or `cuda:1`.
