@@ -6,6 +6,8 @@
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto); a slim image lacks them.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 # python3 with venv: scripts/nvrtc.sh installs NVRTC from PyPI to compile-check the CUDA kernels.
