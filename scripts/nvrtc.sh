@@ -5,8 +5,8 @@
 # crate's `cuda` feature and its GPU tests (which skip here: no GPU).
 #
 # NVRTC 13.0 matches the GPU machines' driver (580, CUDA 13.0): PTX from a newer NVRTC can be
-# refused by an older driver. NVRTC_PIP_SPEC overrides the pin. Extra arguments go to
-# `cargo test` (e.g. `-- --nocapture`).
+# refused by an older driver. NVRTC_PIP_SPEC overrides the pin. Extra arguments are
+# `cargo test` options (e.g. `--locked`); the tests already run with `--nocapture`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,15 +31,17 @@ libdir="$(cd "$(dirname "$lib")" && pwd)"
 echo "nvrtc.sh: using $lib" >&2
 
 # CI=true makes the test fail rather than skip if the library still cannot be loaded.
+# --nocapture: the log shows each GPU test's "skipping: no CUDA device (…)" line.
 # cuda_parity runs too: without a GPU its tests only say they skip, but it must compile.
 # --lib adds the CUDA backend's host-side unit tests (cuBLAS call shapes, token buckets).
 LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CI=true \
-    cargo test -p ferrite-kernels --features cuda --lib --test nvrtc --test cuda_parity "$@"
+    cargo test -p ferrite-kernels --features cuda --lib --test nvrtc --test cuda_parity "$@" \
+    -- --nocapture
 
 # The rest of the `cuda` feature compiles: the model-level GPU test, the NCCL collective (and
 # its id's round trip through bytes, which needs no GPU) and the CLI's device wiring. These build
 # in the test profile, so they reuse the dependencies `cargo test --workspace` built. The
 # GPU tests themselves run on a GPU machine: scripts/gpu-prepare.sh, scripts/gpu-check.sh.
-cargo test -p ferrite-model --features cuda --test cuda_training "$@"
-cargo test -p ferrite-worker --features cuda --test cuda_nccl "$@"
+cargo test -p ferrite-model --features cuda --test cuda_training "$@" -- --nocapture
+cargo test -p ferrite-worker --features cuda --test cuda_nccl "$@" -- --nocapture
 cargo test -p ferrite-cli --features cuda --bins --no-run "$@"
