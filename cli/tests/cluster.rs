@@ -88,6 +88,27 @@ fn cancel_stops_the_workers_and_frees_them() {
 }
 
 #[test]
+fn ferrite_health_answers_from_the_grpc_health_service_in_one_line() {
+    let cluster = Cluster::start(None, 0);
+    let addr = format!("http://{}", cluster.coordinators[0].addr);
+    let out = Command::new(FERRITE).args(["health", "--addr", &addr]).output().unwrap();
+    assert!(cluster.ok(&out).contains("serving"));
+    let service = ["--service", "ferrite.v1.JobService"];
+    let out = Command::new(FERRITE).args(["health", "--addr", &addr]).args(service).output();
+    cluster.ok(&out.unwrap());
+    drop(cluster);
+    let out = Command::new(FERRITE)
+        .args(["health", "--addr", &addr, "--timeout", "1s"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn a_worker_on_an_unreachable_coordinator_keeps_retrying_and_a_bad_url_is_one_line() {
     let out = Command::new(FERRITE)
         .args(["worker", "--coordinator", "not a url", "--threads", "1"])

@@ -6,6 +6,7 @@
 mod harness;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferrite_model::checkpoint;
@@ -13,6 +14,7 @@ use harness::etcd::EtcdProcess;
 use harness::{final_weights, history, now_ms, steps, Change, Cluster};
 
 const STEPS: u64 = 400;
+const JOB_SERVICE: &str = "ferrite.v1.JobService";
 
 /// Submits `name` on 2 workers of batch 4 and waits for its first checkpoint.
 fn start_job(cluster: &Cluster, name: &str, steps: u64) -> String {
@@ -173,6 +175,18 @@ fn with_etcd_the_standby_coordinator_takes_over_when_the_leader_is_killed() {
         assert!(Instant::now() < deadline, "the standby never named the leader: {err}");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The health service tells them apart too (what a Kubernetes readiness probe asks).
+    let health = |n: usize, service: &str| {
+        let addr = format!("http://{}", cluster.coordinators[n].addr);
+        let args = ["health", "--addr", &addr, "--service", service];
+        Command::new(harness::FERRITE).args(args).output().unwrap()
+    };
+    let (lead, stand) = (health(leader, JOB_SERVICE), health(standby, JOB_SERVICE));
+    assert!(lead.status.success(), "{}", String::from_utf8_lossy(&lead.stderr));
+    let err = String::from_utf8_lossy(&stand.stderr);
+    assert!(!stand.status.success() && err.contains("NOT_SERVING"), "{err}");
+    assert!(health(standby, "").status.success(), "a standby is alive as a whole");
 
     let steps = 3 * STEPS;
     let id = start_job(&cluster, "failover", steps);

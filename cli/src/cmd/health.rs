@@ -29,7 +29,7 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let asked = runtime.block_on(tokio::time::timeout(args.timeout, check(&args)));
+    let asked = runtime.block_on(async { tokio::time::timeout(args.timeout, check(&args)).await });
     let status =
         asked.map_err(|_| anyhow!("{}: no answer within {:?}", args.addr, args.timeout))??;
     let what = if args.service.is_empty() { "the server" } else { args.service.as_str() };
