@@ -321,7 +321,7 @@ workers = {workers}
         }
     }
 
-    /// Runs the job file `name` (written by [`Cluster::job`]) to the end, uninterrupted.
+    /// Runs the job file `job` (written by [`Cluster::job`]) to the end, uninterrupted.
     pub fn run_reference(&self, job: &Path) {
         let (out, id) = self.submit(job, true);
         self.ok(&out);
