@@ -2,24 +2,25 @@
 //! lane accumulators for dot products, and a branch-free `exp` (libm's `expf` is a call per
 //! element and keeps GELU and softmax scalar).
 
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Defines `fn $name(args)` whose body is compiled three times (AVX-512, AVX2 + FMA, and
 /// the baseline) and picks the widest the CPU has at run time. The body is the same code,
 /// and Rust never contracts a*b+c into an FMA on its own, so every version gives the same
 /// bits.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $body
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                fn v4($($arg: $ty),*) { imp($($arg),*) }
+                fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                fn v3($($arg: $ty),*) { imp($($arg),*) }
+                fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                 {
@@ -57,6 +58,42 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     acc.iter().sum::<f32>() + s
+}
+
+/// Folds `x` into `LANES` independent accumulators with `step`, then combines them with
+/// `merge`: a fixed order (the same bits on every CPU) that LLVM can vectorise, where a
+/// plain `iter().sum()` is one serial chain of adds. Always inlined, as `dot`.
+#[inline(always)]
+pub fn fold_lanes(
+    x: &[f32],
+    init: f32,
+    step: impl Fn(f32, f32) -> f32,
+    merge: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let mut tail = init;
+    for &v in chunks.remainder() {
+        tail = step(tail, v);
+    }
+    for ch in chunks {
+        for i in 0..LANES {
+            acc[i] = step(acc[i], ch[i]);
+        }
+    }
+    acc.into_iter().fold(tail, merge)
+}
+
+/// Sum of `x` in the lane order of [`fold_lanes`].
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    fold_lanes(x, 0.0, |a, v| a + v, |a, b| a + b)
+}
+
+/// Largest element of `x` (-inf when empty).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    fold_lanes(x, f32::NEG_INFINITY, f32::max, f32::max)
 }
 
 /// y += alpha * x
@@ -117,6 +154,16 @@ mod tests {
         while x < 12.0 {
             assert!((tanh(x) - x.tanh()).abs() < 3e-7, "tanh({x})");
             x += 0.001;
+        }
+    }
+
+    #[test]
+    fn lane_sum_and_max_match_naive_for_all_tail_lengths() {
+        for n in 0..70 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let naive: f64 = a.iter().map(|&x| x as f64).sum();
+            assert!((sum(&a) as f64 - naive).abs() < 1e-5, "n={n}");
+            assert_eq!(max(&a), a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)), "n={n}");
         }
     }
 

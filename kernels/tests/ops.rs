@@ -81,7 +81,10 @@ fn naive_matmul(
 fn matmul_forward_matches_naive_in_both_layouts_and_sizes() {
     let be = cpu();
     let mut rng = Rng(7);
-    for &(n, c, oc) in &[(3, 5, 7), (96, 70, 130), (4, 64, 500), (256, 33, 17)] {
+    // Shapes that take each path on 2 threads: single call (small), row blocks (96 rows),
+    // column blocks (40 rows); each task writes the bias into its own block first.
+    let shapes = [(3, 5, 7), (96, 70, 130), (40, 70, 131), (4, 64, 500), (256, 33, 17)];
+    for &(n, c, oc) in &shapes {
         for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
             for with_bias in [false, true] {
                 let (inp, w, b) = (rng.vec(n * c, 1.0), rng.vec(c * oc, 1.0), rng.vec(oc, 1.0));

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::softmax::{exp_shifted, softmax};
 use super::SendPtr;
 use crate::math;
 
@@ -112,28 +113,12 @@ unsafe fn probs(
     for r in 0..rows {
         let visible = i0 + r + 1; // keys 0..=i0+r
         let row = &mut s[r * keys..(r + 1) * keys];
-        let l = if compute_lse {
-            let max = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0.0f32;
-            for x in &row[..visible] {
-                sum += math::exp(x - max);
-            }
-            lse[r] = max + sum.ln();
-            lse[r]
+        if compute_lse {
+            lse[r] = softmax(&mut row[..visible]);
         } else {
-            lse[r]
-        };
-        exp_shifted(&mut row[..visible], l);
-        row[visible..].fill(0.0);
-    }
-}
-
-math::multiversion! {
-    /// x = e^(x - shift), elementwise.
-    pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) {
-        for v in x.iter_mut() {
-            *v = math::exp(*v - shift);
+            exp_shifted(&mut row[..visible], lse[r]);
         }
+        row[visible..].fill(0.0);
     }
 }
 

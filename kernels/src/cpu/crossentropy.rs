@@ -1,7 +1,7 @@
 //! Fused softmax + cross-entropy over padded logits, with an ignore index.
 
-use super::attention::exp_shifted;
 use super::for_rows;
+use super::softmax::softmax;
 use crate::IGNORE_INDEX;
 
 /// logits (n,vp) become probabilities in place; losses (n) = -ln p[target].
@@ -17,20 +17,12 @@ pub fn forward(
     let lp = super::SendPtr(losses.as_mut_ptr());
     for_rows(&mut logits[..n * vp], vp, |i, row| {
         let (z, pad) = row.split_at_mut(v);
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        exp_shifted(z, max);
-        let sum = z.iter().sum::<f32>();
-        let inv = 1.0 / sum;
-        z.iter_mut().for_each(|x| *x *= inv);
-        pad.fill(0.0);
         let tgt = targets[i];
-        let loss = if tgt == IGNORE_INDEX {
-            0.0
-        } else {
-            // log-softmax from the sum, not ln(p): stays finite when p underflows.
-            let zt = z[tgt as usize] * sum; // exp(logit - max)
-            -(zt.ln() - sum.ln())
-        };
+        // -ln p[target] = lse - logit[target]: finite even where p underflows.
+        let z_tgt = if tgt == IGNORE_INDEX { 0.0 } else { z[tgt as usize] };
+        let lse = softmax(z);
+        pad.fill(0.0);
+        let loss = if tgt == IGNORE_INDEX { 0.0 } else { lse - z_tgt };
         // SAFETY: i < n (asserted), one task per row.
         unsafe { *lp.get().add(i) = loss };
     });

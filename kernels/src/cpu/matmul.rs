@@ -27,7 +27,18 @@ impl Mat {
     }
 }
 
-/// dst (m,n) (row-major, `ld` columns apart) = [dst +] lhs (m,k) @ rhs (k,n).
+/// What dst holds before the product is added to it.
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    Zero,
+    /// Keep dst's values (gradients accumulate).
+    Dst,
+    /// Each row starts as this bias (n). Filled by the task that owns the block, so the
+    /// copy is parallel and the block is in that core's cache when gemm adds to it.
+    Bias(&'a [f32]),
+}
+
+/// dst (m,n) (row-major, `ld` columns apart) = init + lhs (m,k) @ rhs (k,n).
 ///
 /// # Safety
 /// `dst` must hold m rows of `ld` elements and lhs/rhs must cover the strided ranges.
@@ -38,7 +49,7 @@ unsafe fn par_gemm(
     k: usize,
     dst: *mut f32,
     ld: usize,
-    accumulate: bool,
+    init: Init,
     lhs: Mat,
     rhs: Mat,
     threads: usize,
@@ -48,6 +59,18 @@ unsafe fn par_gemm(
         let (dst, lhs, rhs) = (dst, lhs, rhs);
         // SAFETY: each task gets a disjoint block of dst; the caller vouches for bounds.
         unsafe {
+            let accumulate = match init {
+                Init::Zero => false,
+                Init::Dst => true,
+                Init::Bias(bias) => {
+                    for r in rows.clone() {
+                        let row = dst.get().add(r * ld + cols.start);
+                        std::slice::from_raw_parts_mut(row, cols.len())
+                            .copy_from_slice(&bias[cols.clone()]);
+                    }
+                    true
+                }
+            };
             gemm(
                 rows.len(),
                 cols.len(),
@@ -102,26 +125,13 @@ pub fn forward(
     threads: usize,
 ) {
     assert!(out.len() >= n * oc && inp.len() >= n * c && w.len() >= c * oc);
-    if let Some(bias) = bias {
-        for row in out[..n * oc].chunks_exact_mut(oc) {
-            row.copy_from_slice(&bias[..oc]);
-        }
-    }
+    let init = match bias {
+        Some(b) => Init::Bias(&b[..oc]),
+        None => Init::Zero,
+    };
     let wm = weight_mat(w, layout, c, oc);
     // SAFETY: sizes asserted above.
-    unsafe {
-        par_gemm(
-            n,
-            oc,
-            c,
-            out.as_mut_ptr(),
-            oc,
-            bias.is_some(),
-            Mat::row_major(inp, c),
-            wm,
-            threads,
-        )
-    }
+    unsafe { par_gemm(n, oc, c, out.as_mut_ptr(), oc, init, Mat::row_major(inp, c), wm, threads) }
 }
 
 /// dinp (n,c) = dout @ w^T; dw += inp^T @ dout (in w's layout); dbias += column sums of dout.
@@ -148,7 +158,7 @@ pub fn backward(
     };
     // SAFETY: sizes asserted above.
     unsafe {
-        par_gemm(n, c, oc, dinp.as_mut_ptr(), c, false, Mat::row_major(dout, oc), wt, threads);
+        par_gemm(n, c, oc, dinp.as_mut_ptr(), c, Init::Zero, Mat::row_major(dout, oc), wt, threads);
         match layout {
             // dw (c,oc) += inp^T (c,n) @ dout (n,oc)
             WeightLayout::InOut => par_gemm(
@@ -157,7 +167,7 @@ pub fn backward(
                 n,
                 dw.as_mut_ptr(),
                 oc,
-                true,
+                Init::Dst,
                 Mat::col_major(inp, c),
                 Mat::row_major(dout, oc),
                 threads,
@@ -169,7 +179,7 @@ pub fn backward(
                 n,
                 dw.as_mut_ptr(),
                 c,
-                true,
+                Init::Dst,
                 Mat::col_major(dout, oc),
                 Mat::row_major(inp, c),
                 threads,

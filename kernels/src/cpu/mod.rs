@@ -10,6 +10,7 @@ mod kv_attention;
 mod layernorm;
 mod matmul;
 pub mod matvec;
+mod softmax;
 
 use std::ops::Range;
 

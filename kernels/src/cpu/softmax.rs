@@ -1,0 +1,53 @@
+//! Row softmax shared by attention and cross-entropy: vectorised max, exp and sum over
+//! one row, in lane order (see `math::fold_lanes`), so each row is one exp pass.
+
+use crate::math;
+
+math::multiversion! {
+    /// x = e^(x - shift), elementwise.
+    pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = math::exp(*v - shift);
+        }
+    }
+}
+
+math::multiversion! {
+    /// x becomes softmax(x) in place; returns its log-sum-exp, ln Σ e^x (-inf when empty).
+    pub(crate) fn softmax(x: &mut [f32]) -> f32 {
+        let max = math::max(x);
+        for v in x.iter_mut() {
+            *v = math::exp(*v - max);
+        }
+        let sum = math::sum(x);
+        let inv = 1.0 / sum;
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+        max + sum.ln()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_matches_naive_and_returns_log_sum_exp_for_all_tail_lengths() {
+        for n in 1..70 {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.73).sin() * 9.0).collect();
+            let lse = x.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            let mut p = x.clone();
+            let got = softmax(&mut p);
+            assert!((got as f64 - lse).abs() < 1e-5, "n={n}: lse {got} vs {lse}");
+            for (pi, xi) in p.iter().zip(&x) {
+                assert!((*pi as f64 - (*xi as f64 - lse).exp()).abs() < 1e-6, "n={n}");
+            }
+            let mut e = x.clone();
+            exp_shifted(&mut e, got);
+            for (ei, pi) in e.iter().zip(&p) {
+                assert!((ei - pi).abs() < 1e-6, "n={n}: exp_shifted by lse is the softmax");
+            }
+        }
+    }
+}
