@@ -2,11 +2,32 @@
 //! activations in buffers sized once from (batch, sequence length); forward and backward
 //! are written once over [`Backend`].
 
+use std::ops::Range;
+
 use ferrite_kernels::{AdamW, Backend, WeightLayout, IGNORE_INDEX};
 
 use crate::layout::{ParamLayout, Tensor};
 use crate::rng::Rng;
 use crate::{GptConfig, ModelError};
+
+/// Told by [`Gpt::backward_with`] which gradient ranges are final, with the gradients.
+pub type GradsReady<'a, Buf> = dyn FnMut(&Buf, &[Range<usize>]) + 'a;
+
+/// The tensors every layer has its own of, in layout order.
+const PER_LAYER: [Tensor; 12] = [
+    Tensor::Ln1W,
+    Tensor::Ln1B,
+    Tensor::QkvW,
+    Tensor::QkvB,
+    Tensor::AttProjW,
+    Tensor::AttProjB,
+    Tensor::Ln2W,
+    Tensor::Ln2B,
+    Tensor::FcW,
+    Tensor::FcB,
+    Tensor::FcProjW,
+    Tensor::FcProjB,
+];
 
 /// Activations of one block, saved by forward for backward.
 struct LayerActs<B: Backend> {
@@ -359,6 +380,20 @@ impl<B: Backend> Gpt<B> {
     /// Backward of the last forward with targets; gradients accumulate into `grads`, with the
     /// loss scaled by `loss_scale` (1 / micro-batches for gradient accumulation).
     pub fn backward(&mut self, be: &B, loss: Loss, loss_scale: f32) -> Result<(), ModelError> {
+        self.backward_with(be, loss, loss_scale, &mut |_, _| {})
+    }
+
+    /// [`Gpt::backward`], calling `ready(grads, ranges)` as soon as the gradients in `ranges`
+    /// are final: the final LayerNorm, then each layer from the last to the first, then the
+    /// embeddings (the token embedding is tied to the logits, so it is final only at the
+    /// end). Data-parallel training starts averaging those while backward goes on.
+    pub fn backward_with(
+        &mut self,
+        be: &B,
+        loss: Loss,
+        loss_scale: f32,
+        ready: &mut GradsReady<'_, B::Buf>,
+    ) -> Result<(), ModelError> {
         let (b, t) = self.last.take().ok_or_else(|| {
             ModelError::Shape("backward called without a forward with targets".into())
         })?;
@@ -404,6 +439,7 @@ impl<B: Backend> Gpt<B> {
             n,
             c,
         );
+        ready(g, &[lay.at(Tensor::LnfW, 0), lay.at(Tensor::LnfB, 0)]);
         for l in (0..l_n).rev() {
             let la = &acts.layers[l];
             let x_in = match l {
@@ -507,9 +543,11 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             );
+            ready(g, &PER_LAYER.map(|t| lay.at(t, l)));
         }
         let [dwte, dwpe] = be.split_mut(g, [lay.at(Tensor::Wte, 0), lay.at(Tensor::Wpe, 0)]);
         be.encoder_backward(dwte, dwpe, be.view(&acts.dres, r(c)), &acts.tokens, b, t, c);
+        ready(g, &[lay.at(Tensor::Wte, 0), lay.at(Tensor::Wpe, 0)]);
         Ok(())
     }
 
@@ -558,4 +596,44 @@ fn upload_prefix_i32<B: Backend>(
     scratch[src.len()..].fill(0);
     be.upload_i32(dst, scratch)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrite_kernels::CpuBackend;
+
+    use super::*;
+
+    #[test]
+    fn backward_announces_every_gradient_once_when_final_from_the_top_down() {
+        let be = CpuBackend::new(1).unwrap();
+        let cfg = GptConfig { n_layer: 3, n_head: 2, n_embd: 8, block_size: 8, vocab_size: 11 };
+        let mut gpt = Gpt::new(&be, cfg, 2, 8).unwrap();
+        gpt.init_gpt2(&be, 3).unwrap();
+        let tokens: Vec<i32> = (0..16).map(|i| i * 7 % 11).collect();
+        let targets: Vec<i32> = (0..16).map(|i| i * 5 % 11).collect();
+        let loss = gpt.forward(&be, &tokens, Some(&targets), 2, 8).unwrap().unwrap();
+        gpt.zero_grad(&be);
+        let mut seen: Vec<(Range<usize>, Vec<f32>)> = Vec::new();
+        gpt.backward_with(&be, loss, 1.0, &mut |g, ranges| {
+            seen.extend(ranges.iter().map(|r| (r.clone(), g[r.clone()].to_vec())));
+        })
+        .unwrap();
+        let lay = &gpt.layout;
+        assert_eq!(seen[0].0, lay.at(Tensor::LnfW, 0));
+        assert_eq!(seen[2].0, lay.at(Tensor::Ln1W, 2), "the last layer comes first");
+        assert_eq!(seen.last().unwrap().0, lay.at(Tensor::Wpe, 0));
+        let mut covered = vec![0u8; lay.len()];
+        for (r, snapshot) in &seen {
+            assert_eq!(&gpt.grads[r.clone()], snapshot.as_slice(), "{r:?} changed after");
+            covered[r.clone()].iter_mut().for_each(|c| *c += 1);
+        }
+        assert!(covered.iter().all(|&c| c == 1), "every gradient announced exactly once");
+
+        let hooked = gpt.grads.clone();
+        gpt.forward(&be, &tokens, Some(&targets), 2, 8).unwrap();
+        gpt.zero_grad(&be);
+        gpt.backward(&be, loss, 1.0).unwrap();
+        assert_eq!(gpt.grads, hooked);
+    }
 }

@@ -9,7 +9,7 @@ use ferrite_kernels::CpuBackend;
 use ferrite_worker::collective::ring::{
     FrameHeader, Handshake, HandshakeKind, FRAME_HEADER_LEN, HANDSHAKE_LEN, KIND_REDUCE_SCATTER,
 };
-use ferrite_worker::collective::{RingCollective, RingConfig};
+use ferrite_worker::collective::{Bucketer, RingCollective, RingConfig};
 use ferrite_worker::Collective;
 
 const TOKEN: u64 = 0x5eed_1234;
@@ -299,4 +299,86 @@ fn rank_dropped_mid_reduce_makes_every_other_rank_fail_within_the_timeout() {
         assert!(err.contains(&format!("rank {rank}:")), "{err}");
         assert!(again_err, "rank {rank}: a broken ring must keep failing");
     }
+}
+
+/// Every rank announces `ranges` (covering `0..len` in a scrambled order) to a bucketer of
+/// `cap` elements, starts each bucket, scribbles over the buffer where backward would still
+/// be writing, and finishes; returns every rank's result.
+fn run_buckets(world: usize, len: usize, cap: usize) -> Vec<Vec<f32>> {
+    let ranges = [len / 2..len, 0..len / 3, len / 3..len / 2];
+    let (ls, addrs) = listeners(world);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let cfg =
+                RingConfig { piece_bytes: 4096, ..config(rank, &addrs, Duration::from_secs(20)) };
+            let ranges = ranges.clone();
+            thread::spawn(move || {
+                let be = CpuBackend::new(1).unwrap();
+                let mut ring = RingCollective::connect(l, cfg).unwrap();
+                for round in 0..2 {
+                    let mut buf = input(rank, len);
+                    let mut buckets = Bucketer::new(cap);
+                    let mut start =
+                        |b: &[std::ops::Range<usize>]| ring.start_bucket(&be, &buf, b).unwrap();
+                    for r in &ranges {
+                        buckets.push(r.clone(), &mut start);
+                    }
+                    buckets.flush(&mut start);
+                    let err = Collective::<CpuBackend>::mean_scalar(&mut ring, 1.0);
+                    assert!(err.unwrap_err().to_string().contains("in flight"));
+                    // The buckets were copied when started: later writes must not leak in.
+                    buf.iter_mut().for_each(|x| *x = f32::NAN);
+                    ring.finish_buckets(&be, &mut buf, len).unwrap();
+                    if round == 1 {
+                        return buf;
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn assert_buckets_average(world: usize, len: usize, cap: usize) {
+    let out = run_buckets(world, len, cap);
+    let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
+    for (i, &got) in out[0].iter().enumerate() {
+        let want = inputs.iter().map(|x| x[i] as f64).sum::<f64>() / world as f64;
+        let got = got as f64;
+        assert!(((got - want) / want).abs() <= 1e-6, "elem {i}: {got} vs {want}");
+    }
+    for (r, buf) in out.iter().enumerate() {
+        let same = buf.iter().zip(&out[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "rank {r} differs bitwise from rank 0 (world {world}, cap {cap})");
+    }
+}
+
+#[test]
+fn buckets_that_split_ranges_with_a_smaller_tail_average_on_two_ranks() {
+    // 10_007 elements in buckets of 1_000: every bucket boundary cuts a range.
+    assert_buckets_average(2, 10_007, 1_000);
+    // For two ranks each element is (own + other) / 2 either way: bucketing changes no bit.
+    let whole = run_ring(2, 10_007, 4096);
+    assert!(run_buckets(2, 10_007, 1_000)[0].iter().zip(&whole[0].0).all(|(a, b)| a == b));
+}
+
+#[test]
+fn buckets_average_on_three_ranks() {
+    assert_buckets_average(3, 10_007, 999);
+    assert_buckets_average(3, 5, 2); // buckets smaller than the world
+}
+
+#[test]
+fn buckets_on_a_world_of_one_are_left_as_they_are() {
+    let (mut ls, addrs) = listeners(1);
+    let mut ring =
+        RingCollective::connect(ls.remove(0), config(0, &addrs, Duration::from_secs(1))).unwrap();
+    let be = CpuBackend::new(1).unwrap();
+    let mut buf = input(0, 50);
+    ring.start_bucket(&be, &buf, &[10..50, 0..10]).unwrap();
+    ring.finish_buckets(&be, &mut buf, 50).unwrap();
+    assert_eq!(buf, input(0, 50));
 }

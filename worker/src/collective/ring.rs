@@ -4,9 +4,13 @@
 //! `all_reduce_mean` splits the buffer into `world` chunks and runs a reduce-scatter
 //! (`world-1` steps; afterwards rank `r` owns the full sum of chunk `r+1`, which it divides
 //! by `world`) and then an all-gather (`world-1` steps copying the owners' bits), so every
-//! rank ends with bitwise identical values. In each step a scoped thread sends one chunk
-//! while the caller's thread receives and adds the other, both in pieces of
-//! `piece_bytes`, so sending, receiving and adding overlap.
+//! rank ends with bitwise identical values. The steps are pipelined piece by piece (pieces
+//! of `piece_bytes`); see [`super::pipeline`].
+//!
+//! All traffic runs on one communication thread per rank that owns the sockets and serves
+//! jobs in order. That lets the trainer hand over gradient buckets
+//! ([`Collective::start_bucket`]) as backward completes them and keep computing while they
+//! travel; [`Collective::finish_buckets`] waits for them and copies the means back.
 //!
 //! Wire format (all integers little-endian):
 //! - Handshake, [`HANDSHAKE_LEN`] bytes: magic `FRNG`, version u16, kind u16
@@ -24,13 +28,17 @@
 //! Every socket read and write has a timeout; an error shuts both connections down (so the
 //! neighbours fail fast too) and leaves the collective broken.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferrite_kernels::CpuBackend;
 
+use super::pipeline::{why, Link, RingLinks};
 use super::Collective;
 use crate::WorkerError;
 
@@ -170,50 +178,6 @@ impl FrameHeader {
     }
 }
 
-/// One connection and the peer it leads to, for error messages.
-struct Link {
-    stream: TcpStream,
-    rank: usize,
-    /// The peer's listening address from the rendezvous.
-    addr: SocketAddr,
-}
-
-impl Link {
-    fn name(&self) -> String {
-        format!("rank {} ({})", self.rank, self.addr)
-    }
-
-    fn write(&self, bytes: &[u8]) -> Result<(), String> {
-        (&self.stream)
-            .write_all(bytes)
-            .map_err(|e| format!("sending to {}: {}", self.name(), why(&e)))
-    }
-
-    fn read(&self, bytes: &mut [u8]) -> Result<(), String> {
-        (&self.stream)
-            .read_exact(bytes)
-            .map_err(|e| format!("receiving from {}: {}", self.name(), why(&e)))
-    }
-
-    fn shutdown(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
-
-/// Names the common failures plainly.
-fn why(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".into(),
-        io::ErrorKind::UnexpectedEof => "connection closed by peer".into(),
-        _ => e.to_string(),
-    }
-}
-
-/// Element range of chunk `c` of `len` elements split into `world` near-equal chunks.
-fn chunk_range(len: usize, world: usize, c: usize) -> (usize, usize) {
-    (c * len / world, (c + 1) * len / world)
-}
-
 /// Breaks a [`RingCollective`]'s connections from outside its thread (job cancelled).
 pub struct RingAbort {
     streams: Vec<TcpStream>,
@@ -227,24 +191,59 @@ impl RingAbort {
     }
 }
 
+/// Work for the communication thread, answered in order.
+enum Job {
+    /// All-reduce (mean) of `buf[..len]`.
+    Reduce { buf: Vec<f32>, len: usize },
+    /// Gather of one number from every rank.
+    Scalar(f64),
+}
+
+/// The answer to one [`Job`]: the buffer comes back even on error, so its memory is kept.
+struct Reply {
+    buf: Vec<f32>,
+    scalars: Vec<f64>,
+    error: Option<String>,
+}
+
+/// The thread that owns the sockets and runs the jobs in order.
+struct CommThread {
+    jobs: Option<mpsc::Sender<Job>>,
+    replies: mpsc::Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+    /// Clones of the sockets, to break them when the collective is dropped.
+    abort: RingAbort,
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        // Closing both connections makes the neighbours fail fast, as a dead rank would.
+        self.abort.abort();
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The ring all-reduce between `world` ranks; see the module docs.
 pub struct RingCollective {
     rank: usize,
     world: usize,
-    /// `(to next rank, from previous rank)`; `None` when `world == 1`.
-    links: Option<(Link, Link)>,
-    /// Elements per piece.
-    piece: usize,
-    op: u32,
+    /// `None` when `world == 1`.
+    comm: Option<CommThread>,
     /// Set by the first error; every later call fails with it.
     broken: Option<String>,
-    /// Received values waiting to be added in (reduce-scatter).
-    recv_scratch: Vec<f32>,
+    /// Buckets started and not yet finished, oldest first: where each goes back in `buf`.
+    in_flight: VecDeque<Vec<Range<usize>>>,
+    /// Bucket buffers to reuse, so the step loop allocates nothing once warm.
+    spare: Vec<Vec<f32>>,
 }
 
 impl RingCollective {
     /// Joins the ring: connects to the next rank (retrying while it starts), accepts the
-    /// previous one on `listener`, and checks both handshakes.
+    /// previous one on `listener`, checks both handshakes and starts the communication
+    /// thread.
     pub fn connect(listener: TcpListener, cfg: RingConfig) -> Result<Self, WorkerError> {
         let world = cfg.peers.len();
         let (rank, io_timeout) = (cfg.rank, cfg.io_timeout);
@@ -264,15 +263,13 @@ impl RingCollective {
         if io_timeout.is_zero() {
             return Err(err("io_timeout must be positive".into()));
         }
-        let piece = cfg.piece_bytes / 4;
         let mut ring = RingCollective {
             rank,
             world,
-            links: None,
-            piece,
-            op: 0,
+            comm: None,
             broken: None,
-            recv_scratch: Vec::new(),
+            in_flight: VecDeque::new(),
+            spare: Vec::new(),
         };
         if world == 1 {
             return Ok(ring);
@@ -315,7 +312,15 @@ impl RingCollective {
                 ack.world
             )));
         }
-        ring.links = Some((to_next, from_prev));
+        let links = RingLinks {
+            rank,
+            world,
+            to_next,
+            from_prev,
+            piece: cfg.piece_bytes / 4,
+            scratch: Vec::new(),
+        };
+        ring.comm = Some(CommThread::start(links).map_err(err)?);
         Ok(ring)
     }
 
@@ -323,13 +328,11 @@ impl RingCollective {
     /// this rank fail at once (and so, through the closed sockets, do its neighbours').
     pub fn abort_handle(&self) -> Result<RingAbort, WorkerError> {
         let mut streams = Vec::new();
-        if let Some((a, b)) = &self.links {
-            for link in [a, b] {
-                let s = link.stream.try_clone().map_err(|e| {
-                    WorkerError::Collective(format!("rank {}: {}: {e}", self.rank, link.name()))
-                })?;
-                streams.push(s);
-            }
+        for s in self.comm.iter().flat_map(|c| &c.abort.streams) {
+            let s = s.try_clone().map_err(|e| {
+                WorkerError::Collective(format!("rank {}: cloning a ring socket: {e}", self.rank))
+            })?;
+            streams.push(s);
         }
         Ok(RingAbort { streams })
     }
@@ -343,124 +346,85 @@ impl RingCollective {
         }
     }
 
-    /// Records the first error, shuts both connections down and returns the error.
-    fn fail(&mut self, m: String) -> WorkerError {
-        let m = format!("rank {}: {m}", self.rank);
-        if let Some((a, b)) = &self.links {
-            a.shutdown();
-            b.shutdown();
-        }
-        self.broken = Some(m.clone());
-        WorkerError::Collective(m)
-    }
-
-    fn reduce(&mut self, buf: &mut [f32]) -> Result<(), String> {
-        let (r, w) = (self.rank, self.world);
-        for step in 0..w - 1 {
-            let send = (r + w - step) % w;
-            let recv = (r + 2 * w - step - 1) % w;
-            self.exchange(buf, KIND_REDUCE_SCATTER, step, send, recv)?;
-        }
-        let (lo, hi) = chunk_range(buf.len(), w, (r + 1) % w);
-        let n = w as f32;
-        buf[lo..hi].iter_mut().for_each(|v| *v /= n);
-        for step in 0..w - 1 {
-            let send = (r + 1 + w - step) % w;
-            let recv = (r + w - step) % w;
-            self.exchange(buf, KIND_ALL_GATHER, step, send, recv)?;
+    /// Hands `job` to the communication thread (world > 1).
+    fn submit(&mut self, job: Job) -> Result<(), WorkerError> {
+        self.check()?;
+        let comm = self.comm.as_ref().expect("world > 1 has a communication thread");
+        let sent = comm.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
+            return Err(self.broke("the communication thread has ended".into()));
         }
         Ok(())
     }
 
-    /// Sends chunk `send` to the next rank while receiving chunk `recv` from the previous one
-    /// (added in for reduce-scatter, copied for all-gather).
-    fn exchange(
-        &mut self,
-        buf: &mut [f32],
-        kind: u32,
-        step: usize,
-        send: usize,
-        recv: usize,
-    ) -> Result<(), String> {
-        let (len, w, piece) = (buf.len(), self.world, self.piece);
-        let base = FrameHeader {
-            kind,
-            op: self.op,
-            len: len as u64,
-            offset: 0,
-            count: 0,
-            step: step as u32,
-        };
-        let (slo, shi) = chunk_range(len, w, send);
-        let (rlo, rhi) = chunk_range(len, w, recv);
-        // Chunks `send` and `recv` differ and ranges grow with the chunk index, so the lower
-        // chunk ends where (or before) the higher one starts, even when one is empty.
-        let (sdata, rdata) = if send < recv {
-            let (a, b) = buf.split_at_mut(rlo);
-            (&a[slo..shi], &mut b[..rhi - rlo])
-        } else {
-            let (a, b) = buf.split_at_mut(slo);
-            (&b[..shi - slo], &mut a[rlo..rhi])
-        };
-        let (to_next, from_prev) = self.links.as_ref().expect("world > 1 has links");
-        let rscr = &mut self.recv_scratch;
-        let first: Mutex<Option<String>> = Mutex::new(None);
-        // Whichever side fails first is the cause; it shuts both sockets so the other side
-        // (blocked in a read or write) fails at once instead of waiting for its timeout.
-        let record = |m: String| {
-            let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
-            f.get_or_insert(m);
-            to_next.shutdown();
-            from_prev.shutdown();
-        };
-        std::thread::scope(|s| {
-            let sender = s.spawn(|| {
-                if let Err(m) = send_f32(to_next, base, sdata, slo, piece) {
-                    record(m);
-                }
-            });
-            if let Err(m) =
-                recv_f32(from_prev, rscr, base, rdata, rlo, piece, kind == KIND_REDUCE_SCATTER)
-            {
-                record(m);
-            }
-            if sender.join().is_err() {
-                record("sender thread panicked".into());
-            }
-        });
-        match first.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(m) => Err(m),
-            None => Ok(()),
+    /// The answer to the oldest job not yet answered.
+    fn reply(&mut self) -> Result<Reply, WorkerError> {
+        let comm = self.comm.as_ref().expect("world > 1 has a communication thread");
+        match comm.replies.recv() {
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.broke("the communication thread has ended".into())),
         }
     }
 
-    fn gather_scalars(&mut self, x: f64) -> Result<Vec<f64>, String> {
-        let (r, w) = (self.rank, self.world);
-        let (to_next, from_prev) = self.links.as_ref().expect("world > 1 has links");
-        let mut vals = vec![0.0f64; w];
-        vals[r] = x;
-        for step in 0..w - 1 {
-            let (send, recv) = ((r + w - step) % w, (r + 2 * w - step - 1) % w);
-            let h = |i: usize| FrameHeader {
-                kind: KIND_SCALAR,
-                op: self.op,
-                len: w as u64,
-                offset: i as u64,
-                count: 1,
-                step: step as u32,
-            };
-            // 40 bytes fit any socket buffer, so send-then-receive cannot deadlock.
-            let mut frame = h(send).encode().to_vec();
-            frame.extend_from_slice(&vals[send].to_le_bytes());
-            to_next.write(&frame)?;
-            let mut b = [0u8; FRAME_HEADER_LEN];
-            from_prev.read(&mut b)?;
-            expect_header(from_prev, &b, h(recv))?;
-            let mut v = [0u8; 8];
-            from_prev.read(&mut v)?;
-            vals[recv] = f64::from_le_bytes(v);
+    /// Records the first error (the thread has already shut both connections down).
+    fn broke(&mut self, m: String) -> WorkerError {
+        self.broken.get_or_insert(m.clone());
+        WorkerError::Collective(m)
+    }
+
+    /// Turns a reply's error into the collective's.
+    fn raise(&mut self, error: Option<String>) -> Result<(), WorkerError> {
+        error.map_or(Ok(()), |m| Err(self.broke(m)))
+    }
+}
+
+impl CommThread {
+    fn start(links: RingLinks) -> Result<Self, String> {
+        let clone = |l: &Link| l.stream.try_clone().map_err(|e| format!("{}: {e}", l.name()));
+        let abort = RingAbort { streams: vec![clone(&links.to_next)?, clone(&links.from_prev)?] };
+        let (jobs, job_rx) = mpsc::channel();
+        let (reply_tx, replies) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("ring-rank-{}", links.rank))
+            .spawn(move || serve(links, job_rx, reply_tx))
+            .map_err(|e| format!("starting the communication thread: {e}"))?;
+        Ok(CommThread { jobs: Some(jobs), replies, thread: Some(thread), abort })
+    }
+}
+
+/// The communication thread: runs jobs until the collective is dropped; after the first
+/// error it shuts both connections down and answers every later job with that error.
+fn serve(mut links: RingLinks, jobs: mpsc::Receiver<Job>, replies: mpsc::Sender<Reply>) {
+    let mut broken: Option<String> = None;
+    let mut op = 0u32;
+    for job in jobs {
+        op = op.wrapping_add(1);
+        let (mut buf, mut scalars, mut error) = (Vec::new(), Vec::new(), broken.clone());
+        match job {
+            Job::Reduce { buf: b, len } => {
+                buf = b;
+                if error.is_none() {
+                    error = links.all_reduce_mean(&mut buf[..len], op).err();
+                }
+            }
+            Job::Scalar(x) if error.is_none() => match links.gather_scalars(x, op) {
+                Ok(v) => scalars = v,
+                Err(m) => error = Some(m),
+            },
+            Job::Scalar(_) => {}
         }
-        Ok(vals)
+        if broken.is_none() {
+            if let Some(m) = &error {
+                let m = format!("rank {}: {m}", links.rank);
+                links.to_next.shutdown();
+                links.from_prev.shutdown();
+                broken = Some(m.clone());
+                error = Some(m);
+            }
+        }
+        if replies.send(Reply { buf, scalars, error }).is_err() {
+            return;
+        }
     }
 }
 
@@ -562,62 +526,6 @@ fn accept_prev(
     }
 }
 
-fn expect_header(link: &Link, b: &[u8; FRAME_HEADER_LEN], want: FrameHeader) -> Result<(), String> {
-    let got = FrameHeader::decode(b);
-    if got != want {
-        return Err(format!("{} sent frame {got:?}, expected {want:?}", link.name()));
-    }
-    Ok(())
-}
-
-/// Sends `data` (elements `offset..` of the buffer) in frames of at most `piece` elements; an
-/// empty chunk still sends one empty frame so both sides agree on the frame count.
-fn send_f32(
-    link: &Link,
-    base: FrameHeader,
-    data: &[f32],
-    offset: usize,
-    piece: usize,
-) -> Result<(), String> {
-    let n_pieces = data.len().div_ceil(piece).max(1);
-    for p in 0..n_pieces {
-        let (lo, hi) = (p * piece, ((p + 1) * piece).min(data.len()));
-        let h = FrameHeader { offset: (offset + lo) as u64, count: (hi - lo) as u32, ..base };
-        link.write(&h.encode())?;
-        link.write(bytemuck::cast_slice(&data[lo..hi]))?;
-    }
-    Ok(())
-}
-
-/// Receives the frames [`send_f32`] sends for `out`, adding (`add`) or copying the values.
-fn recv_f32(
-    link: &Link,
-    scratch: &mut Vec<f32>,
-    base: FrameHeader,
-    out: &mut [f32],
-    offset: usize,
-    piece: usize,
-    add: bool,
-) -> Result<(), String> {
-    let n_pieces = out.len().div_ceil(piece).max(1);
-    for p in 0..n_pieces {
-        let (lo, hi) = (p * piece, ((p + 1) * piece).min(out.len()));
-        let mut hb = [0u8; FRAME_HEADER_LEN];
-        link.read(&mut hb)?;
-        let want = FrameHeader { offset: (offset + lo) as u64, count: (hi - lo) as u32, ..base };
-        expect_header(link, &hb, want)?;
-        if add {
-            scratch.resize(hi - lo, 0.0);
-            link.read(bytemuck::cast_slice_mut(scratch))?;
-            out[lo..hi].iter_mut().zip(scratch.iter()).for_each(|(o, v)| *o += v);
-        } else {
-            // The owner's bits land directly in the buffer.
-            link.read(bytemuck::cast_slice_mut(&mut out[lo..hi]))?;
-        }
-    }
-    Ok(())
-}
-
 impl Collective<CpuBackend> for RingCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -643,8 +551,12 @@ impl Collective<CpuBackend> for RingCollective {
         if self.world == 1 {
             return Ok(());
         }
-        self.op = self.op.wrapping_add(1);
-        self.reduce(&mut buf[..len]).map_err(|m| self.fail(m))
+        self.no_buckets_in_flight("all_reduce_mean")?;
+        // The buffer moves to the communication thread and back: no copy.
+        self.submit(Job::Reduce { buf: std::mem::take(buf), len })?;
+        let reply = self.reply()?;
+        *buf = reply.buf;
+        self.raise(reply.error)
     }
 
     fn mean_scalar(&mut self, x: f64) -> Result<f64, WorkerError> {
@@ -652,9 +564,74 @@ impl Collective<CpuBackend> for RingCollective {
         if self.world == 1 {
             return Ok(x);
         }
-        self.op = self.op.wrapping_add(1);
-        let vals = self.gather_scalars(x).map_err(|m| self.fail(m))?;
+        self.no_buckets_in_flight("mean_scalar")?;
+        self.submit(Job::Scalar(x))?;
+        let reply = self.reply()?;
+        self.raise(reply.error)?;
         // Summed in rank order on every rank, so every rank gets the same bits.
-        Ok(vals.iter().sum::<f64>() / self.world as f64)
+        Ok(reply.scalars.iter().sum::<f64>() / self.world as f64)
+    }
+
+    fn start_bucket(
+        &mut self,
+        _be: &CpuBackend,
+        buf: &Vec<f32>,
+        ranges: &[Range<usize>],
+    ) -> Result<(), WorkerError> {
+        self.check()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        // Copied out (one memcpy of the bucket) so backward can go on writing `buf`.
+        let mut staged = self.spare.pop().unwrap_or_default();
+        staged.clear();
+        for r in ranges {
+            staged.extend_from_slice(&buf[r.clone()]);
+        }
+        let len = staged.len();
+        self.submit(Job::Reduce { buf: staged, len })?;
+        self.in_flight.push_back(ranges.to_vec());
+        Ok(())
+    }
+
+    fn finish_buckets(
+        &mut self,
+        _be: &CpuBackend,
+        buf: &mut Vec<f32>,
+        _len: usize,
+    ) -> Result<(), WorkerError> {
+        self.check()?;
+        let mut first_err = None;
+        while let Some(ranges) = self.in_flight.pop_front() {
+            let reply = self.reply()?;
+            if let Err(e) = self.raise(reply.error) {
+                first_err.get_or_insert(e);
+            }
+            let staged = reply.buf;
+            if first_err.is_none() {
+                let mut at = 0;
+                for r in ranges {
+                    buf[r.clone()].copy_from_slice(&staged[at..at + r.len()]);
+                    at += r.len();
+                }
+            }
+            self.spare.push(staged);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl RingCollective {
+    /// Jobs run in order, so a call between `start_bucket` and `finish_buckets` would be
+    /// answered before the buckets' results are collected; refuse it instead.
+    fn no_buckets_in_flight(&self, what: &str) -> Result<(), WorkerError> {
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        Err(WorkerError::Collective(format!(
+            "rank {}: {what} while {} buckets are in flight (call finish_buckets first)",
+            self.rank,
+            self.in_flight.len()
+        )))
     }
 }
