@@ -20,7 +20,7 @@ F=${FERRITE:-target/release/ferrite}
 source bench/cluster-lib.sh
 
 "$F" data prepare --tokenizer gpt2 --out "$work/data" "$corpus" >&2
-start coordinator coordinator --listen 127.0.0.1:0 --heartbeat-timeout "$heartbeat" \
+start coordinator coordinator --insecure --listen 127.0.0.1:0 --heartbeat-timeout "$heartbeat" \
     --store "embedded:$work/coord.redb"
 url="http://$addr"
 declare -A worker_pid

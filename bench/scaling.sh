@@ -20,10 +20,10 @@ P=${PYTHON:-.venv/bin/python}
 source bench/cluster-lib.sh
 
 "$F" data prepare --tokenizer gpt2 --out "$work/data" "$corpus" >&2
-start coordinator coordinator --listen 127.0.0.1:0 --store "embedded:$work/coord.redb"
+start coordinator coordinator --insecure --listen 127.0.0.1:0 --store "embedded:$work/coord.redb"
 url="http://$addr"
 for n in 0 1; do
-    start "worker-$n" worker --coordinator "$url" --threads 1 --listen 127.0.0.1:0
+    RUST_LOG=info,ferrite_worker::trainer=debug start "worker-$n" worker --coordinator "$url" --threads 1 --listen 127.0.0.1:0
 done
 
 # Runs the step on $1 workers of batch $2; prints the median step_ms after the first step.
@@ -67,6 +67,9 @@ echo "ferrite: 1 worker x batch 8, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 f1=$(ferrite_step_ms 1 8)
 echo "ferrite: 2 workers x batch 4, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 f2=$(ferrite_step_ms 2 4)
+# Where the time went: every rank logs a `step phases` line per step (forward, backward,
+# all-reduce wait, optimizer); show the last steps of both runs.
+grep -h "step phases" "$work"/worker-*.log | tail -n "$((3 * steps))" >&2 || true
 torch_ms() {
     "$P" bench/torch_gpt.py ddp --threads 1 --world "$1" --global-batch 8 --steps "$steps" \
         --vocab-size 50257 --block-size 256 |

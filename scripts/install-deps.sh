@@ -16,6 +16,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 # Headless Chromium: the dashboard test (cli/tests/observability.rs) loads and screenshots /ui.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# curl: the security test fetches /metrics over HTTPS with and without a token.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

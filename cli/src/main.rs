@@ -44,6 +44,12 @@ enum Command {
     /// The whole system on this machine: coordinator, two workers, a training job, a
     /// server and a generation from the trained model.
     Quickstart(cmd::quickstart::QuickstartArgs),
+    /// TLS material for a test cluster.
+    #[command(subcommand)]
+    Certs(cmd::security::CertsCommand),
+    /// Operator and worker tokens.
+    #[command(subcommand)]
+    Token(cmd::security::TokenCommand),
 }
 
 #[derive(Subcommand)]
@@ -79,5 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkpoints(args) => cmd::job::checkpoints(args),
         Command::Health(args) => cmd::health::run(args),
         Command::Quickstart(args) => cmd::quickstart::run(args),
+        Command::Certs(c) => cmd::security::certs(c),
+        Command::Token(c) => cmd::security::token(c),
     }
 }

@@ -20,7 +20,7 @@ struct Coordinator {
 impl Coordinator {
     fn start(store: &Path) -> Coordinator {
         let mut child = Command::new(FERRITE)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--store"])
+            .args(["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--store"])
             .arg(format!("embedded:{}", store.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -50,7 +50,7 @@ struct Server {
 impl Server {
     fn start(checkpoint: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-            .args(["serve", "--checkpoint", checkpoint, "--listen", "127.0.0.1:0"])
+            .args(["serve", "--insecure", "--checkpoint", checkpoint, "--listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0", "--threads", "2"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -18,6 +18,7 @@ use etcd_client::{Client, ConnectOptions};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::store::EtcdAccess;
 
 /// This coordinator's part.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,10 +70,12 @@ pub async fn campaign(
     namespace: &str,
     me: String,
     ttl: Duration,
+    access: &EtcdAccess,
 ) -> Result<(watch::Receiver<Role>, impl Future<Output = Error>)> {
     // No per-request timeout: a campaign waits as long as another coordinator leads. The
     // keep-alive below bounds its own waits.
-    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+    let options =
+        access.apply(ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)))?;
     let client = Client::connect(endpoints, Some(options)).await?;
     let (tx, rx) = watch::channel(Role::Standby { leader: None });
     let name = election_name(namespace);

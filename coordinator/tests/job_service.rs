@@ -33,7 +33,8 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(server::run(listener, deps.clone(), async {
+        let insecure = ferrite_security::ServerSecurity::insecure();
+        let served = tokio::spawn(server::run(listener, deps.clone(), insecure, async {
             let _ = stopped.await;
         }));
         let channel =

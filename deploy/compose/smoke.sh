@@ -72,8 +72,10 @@ dc() {
     --profile serve --profile tools "$@"
 }
 cid() { dc ps -q "$1" 2>/dev/null | head -n 1; }
-# The CLI inside the coordinator's container (it has the binary and the cluster network).
-ferrite_cli() { docker exec -i "$(cid coordinator-1)" ferrite "$@"; }
+# The CLI inside the coordinator's container (it has the binary, the cluster network and the
+# certs volume), as an admin over TLS.
+cli_env=(-e FERRITE_COORDINATOR=https://localhost:7070 -e FERRITE_TOKEN_FILE=/certs/admin.token)
+ferrite_cli() { docker exec -i "${cli_env[@]}" "$(cid coordinator-1)" ferrite "$@"; }
 
 corpus_dir=""
 ok=0
@@ -208,7 +210,7 @@ last_step workers && finish
 # --- job -----------------------------------------------------------------------------------
 step=job
 log "submitting jobs/smoke-short.toml (--wait)"
-out=$(timeout "$job_timeout" docker exec -i "$(cid coordinator-1)" \
+out=$(timeout "$job_timeout" docker exec -i "${cli_env[@]}" "$(cid coordinator-1)" \
   ferrite job submit /dev/stdin --wait <deploy/compose/jobs/smoke-short.toml) \
   || die "job smoke-short did not succeed within ${job_timeout}s (id: ${out:-none})"
 job1=$(head -n 1 <<<"$out")
@@ -220,8 +222,15 @@ last_step job && finish
 step=serve
 FERRITE_SERVE_JOB=$job1 dc up -d inference
 wait_healthy inference 90
-log "asking the inference server for a completion"
-reply=$(curl -fsS --max-time 60 "http://127.0.0.1:${FERRITE_HTTP_PORT}/v1/completions" \
+log "asking the inference server for a completion (HTTPS, a read token)"
+docker exec "$(cid coordinator-1)" cat /certs/ca.pem >"$corpus_dir/ca.pem"
+read_token=$(docker exec "$(cid coordinator-1)" cat /certs/read.token)
+code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$corpus_dir/ca.pem" \
+  "https://localhost:${FERRITE_HTTP_PORT}/metrics") || die "GET /metrics over TLS failed"
+[ "$code" = 401 ] || die "/metrics without a token answered $code, not 401"
+reply=$(curl -fsS --max-time 60 --cacert "$corpus_dir/ca.pem" \
+  "https://localhost:${FERRITE_HTTP_PORT}/v1/completions" \
+  -H "Authorization: Bearer $read_token" \
   -H 'Content-Type: application/json' \
   -d '{"model": "'"$job1"'", "prompt": "The ", "max_tokens": 32, "temperature": 0, "seed": 1}') \
   || die "POST /v1/completions failed"

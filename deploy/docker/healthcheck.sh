@@ -10,7 +10,8 @@ addr=${1:-${FERRITE_HEALTH_ADDR:-127.0.0.1:7070}}
 host=${addr%:*}
 port=${addr##*:}
 if [ "${FERRITE_HEALTH_TCP:-0}" != 1 ]; then
-  exec ferrite health --addr "http://${addr}" --timeout 3s
+  # With FERRITE_TLS_CA set (a secured cluster) a bare HOST:PORT is https://.
+  exec ferrite health --addr "${addr}" --timeout 3s
 fi
 # bash's /dev/tcp: no extra package (curl, nc) in the image.
 if timeout 3 bash -c "exec 3<>/dev/tcp/${host}/${port}" 2>/dev/null; then

@@ -22,18 +22,18 @@ use crate::engine::EngineHandle;
 use crate::error::{InferenceError, Result};
 use crate::request::{Event, FinishReason, GenerateRequest, ModelVersion, Prompt};
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown` completes, with TLS and tokens as `security` says.
 pub async fn run(
     listener: TcpListener,
     engine: EngineHandle,
+    security: ferrite_security::ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = Router::new()
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
         .with_state(engine);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    ferrite_security::http::serve(listener, app, &security, shutdown)
         .await
         .map_err(|e| InferenceError::Coordinator(format!("http server: {e}")))
 }

@@ -83,7 +83,8 @@ fn small(max_batch: usize, max_queue: usize) -> EngineConfig {
 async fn serve(engine: EngineHandle) -> InferenceServiceClient<Channel> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(ferrite_inference::rpc::run(listener, engine, std::future::pending()));
+    let insecure = ferrite_security::ServerSecurity::insecure();
+    tokio::spawn(ferrite_inference::rpc::run(listener, engine, insecure, std::future::pending()));
     InferenceServiceClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
@@ -332,7 +333,8 @@ async fn switches_to_a_newly_published_checkpoint_while_a_request_keeps_its_weig
 
     let e = engine(None, small(4, 4));
     let mut client = serve(e.handle()).await;
-    let mut watch = CheckpointWatch::connect(&url, "job-1").await.unwrap();
+    let none = ferrite_security::Credentials::none();
+    let mut watch = CheckpointWatch::connect(&url, "job-1", none).await.unwrap();
     // Nothing published yet: requests are NotFound.
     assert!(!watch.refresh(&e.handle()).await.unwrap());
     let s = client.generate(request("the", 5, 0.0, 0)).await.unwrap_err();

@@ -28,15 +28,16 @@ use ferrite_kernels::cuda::Device;
 use ferrite_kernels::{Backend, CpuBackend};
 use ferrite_model::JobSpec;
 use ferrite_proto::v1 as pb;
+use ferrite_security::{connect, AuthChannel, Credentials};
 use pb::worker_service_client::WorkerServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+
 use tonic::Code;
 
 use crate::collective::{RingAbort, RingCollective, RingConfig};
-use crate::leader;
+
 use crate::metrics::{Timed, WorkerMetrics};
 use crate::trainer::Event;
 use crate::{Trainer, WorkerError};
@@ -59,6 +60,8 @@ pub struct AgentConfig {
     pub device: Device,
     /// Step, all-reduce and checkpoint metrics of the ranks this worker runs.
     pub metrics: Arc<WorkerMetrics>,
+    /// TLS trust and the worker join token presented to the coordinator.
+    pub credentials: Credentials,
 }
 
 /// What the worker knows once it is up.
@@ -123,7 +126,7 @@ pub async fn run(
         }
         None => bound.to_string(),
     };
-    let urls = leader::parse_urls(&cfg.coordinator)
+    let urls = connect::parse_urls(&cfg.coordinator, &cfg.credentials)
         .map_err(|e| AgentError::Config(format!("--coordinator: {e}")))?;
     let mut agent = Agent {
         cfg,
@@ -217,7 +220,7 @@ struct Agent {
     urls: Vec<String>,
     advertise: String,
     listener: Arc<TcpListener>,
-    client: Option<WorkerServiceClient<Channel>>,
+    client: Option<WorkerServiceClient<AuthChannel>>,
     worker_id: Option<String>,
     running: Option<Running>,
     /// The last rank result, repeated on every attach until a stream takes it.
@@ -247,25 +250,24 @@ impl Agent {
     }
 
     /// A client of the leading coordinator (`Unavailable` while none can be found).
-    async fn client(&mut self) -> Result<WorkerServiceClient<Channel>, tonic::Status> {
+    async fn client(&mut self) -> Result<WorkerServiceClient<AuthChannel>, tonic::Status> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
+        let creds = &self.cfg.credentials;
         let channel = if let [url] = self.urls.as_slice() {
             // One URL (perhaps a load balancer): connect lazily, calls retry while it is down.
-            Channel::from_shared(url.clone())
+            connect::open_lazy(url, creds)
                 .map_err(|e| tonic::Status::invalid_argument(format!("--coordinator {url}: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .connect_lazy()
         } else {
             let (url, channel) =
-                leader::connect(&self.urls, leader::WORKER_SERVICE, Duration::ZERO)
+                connect::connect(&self.urls, connect::WORKER_SERVICE, Duration::ZERO, creds)
                     .await
                     .map_err(tonic::Status::unavailable)?;
             tracing::info!(coordinator = %url, "following the leading coordinator");
             channel
         };
-        let client = WorkerServiceClient::new(channel);
+        let client = WorkerServiceClient::new(creds.authed(channel));
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -301,7 +303,10 @@ impl Agent {
                     return Ok(());
                 }
                 Err(s) if s.code() == Code::Unavailable => {
-                    tracing::debug!(status = %s.message(), "coordinator unavailable; retrying");
+                    // Said at warning level: a TLS mismatch or a wrong address looks just like
+                    // a coordinator that is still starting, and must not retry in silence.
+                    let why = connect::with_hint(&self.urls.join(","), s.message().to_owned());
+                    tracing::warn!(status = %why, "coordinator unavailable; retrying");
                     self.client = None;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);

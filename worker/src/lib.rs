@@ -11,14 +11,13 @@
 //! - [`batch`]: counter-based sampling of training windows, so a step's batch is a pure
 //!   function of (seed, step, micro-batch, row) and resume needs no sampler state.
 //! - [`collective`]: the [`Collective`] trait and the single-process implementation.
-//! - [`leader`]: finding the leading coordinator among several URLs.
 //! - [`metrics`]: the worker's Prometheus metrics and their `/metrics` endpoint.
 //! - [`trainer`]: [`Trainer`], the step loop with eval, metrics and checkpoints.
 
 pub mod agent;
 pub mod batch;
 pub mod collective;
-pub mod leader;
+
 pub mod metrics;
 pub mod trainer;
 

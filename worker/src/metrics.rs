@@ -283,12 +283,32 @@ impl<B: Backend> Collective<B> for Timed<B> {
     fn mean_scalar(&mut self, x: f64) -> Result<f64, WorkerError> {
         self.inner.mean_scalar(x)
     }
+
+    // Buckets pass through, so the ring overlaps them with backward; what is timed is the
+    // wait after backward (the all-reduce time the step actually pays).
+    fn start_bucket(
+        &mut self,
+        be: &B,
+        buf: &B::Buf,
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<(), WorkerError> {
+        self.inner.start_bucket(be, buf, ranges)
+    }
+
+    fn finish_buckets(&mut self, be: &B, buf: &mut B::Buf, len: usize) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let result = self.inner.finish_buckets(be, buf, len);
+        let bytes = (len * std::mem::size_of::<f32>()) as u64;
+        self.metrics.observe_allreduce(started.elapsed(), bytes);
+        result
+    }
 }
 
-/// Serves `GET /metrics` until `shutdown` completes.
+/// Serves `GET /metrics` until `shutdown` completes, with TLS and tokens as `security` says.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<WorkerMetrics>,
+    security: ferrite_security::ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new().route(
@@ -298,7 +318,7 @@ pub async fn serve(
             async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    ferrite_security::http::serve(listener, app, &security, shutdown).await
 }
 
 /// Bytes of the files under `dir` (0 where it cannot be read).

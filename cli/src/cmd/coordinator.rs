@@ -3,17 +3,22 @@
 //! dashboard).
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ferrite_coordinator::http::{self, HttpConfig};
 use ferrite_coordinator::leader;
-use ferrite_coordinator::server::{self, Deps, StoreSpec};
+use ferrite_coordinator::server::{self, Deps, PathRoots, StoreSpec};
+use ferrite_coordinator::store::EtcdAccess;
 use ferrite_coordinator::EtcdStore;
+use ferrite_security::ClientTls;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
+
+use super::security::ServerSecurityArgs;
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -28,7 +33,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
     /// The URL clients and workers reach this coordinator at, announced when it leads
-    /// (coordinators on etcd elect a leader); default `http://` + the bound address.
+    /// (coordinators on etcd elect a leader); default `https://` (`http://` without TLS) +
+    /// the bound address.
     #[arg(long)]
     advertise: Option<String>,
     /// HTTP address for /metrics (Prometheus), /api (JSON) and /ui (the dashboard); off
@@ -39,6 +45,30 @@ pub struct CoordinatorArgs {
     /// about the f32 matmul peak of two Zen 5 cores).
     #[arg(long, default_value_t = http::DEFAULT_PEAK_FLOPS / 1e12)]
     peak_tflops: f64,
+    /// Submitted jobs' `[data] dir` must lie under this folder (repeatable); any when absent.
+    #[arg(long = "data-root")]
+    data_roots: Vec<PathBuf>,
+    /// Submitted jobs' `[output] dir`, `init_from` and `resume` must lie under this folder
+    /// (repeatable); any when absent.
+    #[arg(long = "checkpoint-root")]
+    checkpoint_roots: Vec<PathBuf>,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
+    /// etcd's CA certificate, for https:// etcd endpoints.
+    #[arg(long, env = "FERRITE_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd (`--client-cert-auth` on the etcd side).
+    #[arg(long, env = "FERRITE_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "FERRITE_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd's own authentication).
+    #[arg(long, env = "FERRITE_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// A file holding that user's password.
+    #[arg(long, env = "FERRITE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// How logs are written to stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -89,8 +119,17 @@ pub fn stopped_by_signal() -> anyhow::Result<impl std::future::Future<Output = (
 
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let stop = stopped_by_signal()?;
-    let store =
-        args.store.open().await.with_context(|| format!("opening the store {:?}", args.store))?;
+    let security = args.security.load()?;
+    security.announce("coordinator");
+    for root in args.data_roots.iter().chain(&args.checkpoint_roots) {
+        anyhow::ensure!(root.is_dir(), "root {} is not a directory", root.display());
+    }
+    let access = etcd_access(&args)?;
+    let store = args
+        .store
+        .open(&access)
+        .await
+        .with_context(|| format!("opening the store {:?}", args.store))?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -108,14 +147,17 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%addr, store = ?args.store, "coordinator serving");
-    let mut deps = Deps::with_heartbeat_timeout(store, args.heartbeat_timeout);
+    let roots =
+        PathRoots { data: args.data_roots.clone(), checkpoints: args.checkpoint_roots.clone() };
+    let mut deps = Deps::with_heartbeat_timeout(store, args.heartbeat_timeout).with_roots(roots);
     // On etcd several coordinators may run: they elect one leader, the others stand by.
     let campaign = match &args.store {
         StoreSpec::Etcd(endpoints) => {
-            let me = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+            let scheme = if security.tls.is_some() { "https" } else { "http" };
+            let me = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
             let ttl = (args.heartbeat_timeout / 2).max(Duration::from_secs(2));
             let ns = EtcdStore::DEFAULT_NAMESPACE;
-            let (role, campaign) = leader::campaign(endpoints, ns, me, ttl)
+            let (role, campaign) = leader::campaign(endpoints, ns, me, ttl, &access)
                 .await
                 .context("joining the leader election in etcd")?;
             deps = deps.with_role(role);
@@ -126,13 +168,13 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
     let http_task = http_listener.map(|l| {
         let cfg = HttpConfig { peak_flops_per_worker: args.peak_tflops * 1e12 };
-        tokio::spawn(http::run(l, deps.clone(), cfg, until_set(stopping)))
+        tokio::spawn(http::run(l, deps.clone(), cfg, security.clone(), until_set(stopping)))
     });
     let stop = async move {
         stop.await;
         let _ = stop_tx.send(true);
     };
-    let serve = server::run(listener, deps, stop);
+    let serve = server::run(listener, deps, security, stop);
     match campaign {
         Some(campaign) => tokio::select! {
             served = serve => served?,
@@ -145,6 +187,23 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The etcd flags: TLS when a CA or client certificate is given, a user when named.
+fn etcd_access(args: &CoordinatorArgs) -> anyhow::Result<EtcdAccess> {
+    let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (None, None, None) => None,
+        (ca, cert, key) => Some(ClientTls::from_flags(ca.clone(), cert.clone(), key.clone())?),
+    };
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(user), Some(file)) => {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the etcd password from {}", file.display()))?;
+            Some((user.clone(), password.trim_end_matches(['\n', '\r']).to_owned()))
+        }
+        _ => None,
+    };
+    Ok(EtcdAccess { tls, user })
 }
 
 async fn stopped_by(mut interrupt: Signal, mut terminate: Signal) {

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -13,15 +12,18 @@ use ferrite_model::checkpoint::TOKENIZER_FILE;
 use ferrite_model::generate::Generator;
 use ferrite_model::sample::SamplingParams;
 use ferrite_proto::v1 as pb;
+use ferrite_security::connect;
 use pb::inference_service_client::InferenceServiceClient;
-use tonic::transport::Endpoint;
+
+use super::security::ClientSecurityArgs;
 
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Checkpoint folder (ours, or a Hugging Face GPT-2 saved with safetensors).
     #[arg(long, required_unless_present = "server", conflicts_with = "server")]
     pub checkpoint: Option<PathBuf>,
-    /// Generate on a `ferrite serve` at this gRPC URL (http://HOST:PORT) instead.
+    /// Generate on a `ferrite serve` at this gRPC URL (https://HOST:PORT, or http:// for an
+    /// --insecure one) instead.
     #[arg(long)]
     pub server: Option<String>,
     #[arg(long, default_value = "")]
@@ -50,6 +52,9 @@ pub struct GenerateArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// With --server: `--tls-ca` for https:// and a token with role read.
+    #[command(flatten)]
+    pub client: ClientSecurityArgs,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -137,12 +142,12 @@ fn remote(a: &GenerateArgs, url: &str) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("--server `{url}` is not a URL"))?
-            .connect_timeout(Duration::from_secs(5));
-        let channel =
-            endpoint.connect().await.with_context(|| format!("cannot reach the server {url}"))?;
-        let mut client = InferenceServiceClient::new(channel);
+        let creds = a.client.credentials()?;
+        let url = connect::parse_urls(url, &creds).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+        let channel = connect::open(&url[0], &creds)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the server {}: {e}", url[0]))?;
+        let mut client = InferenceServiceClient::new(creds.authed(channel));
         let mut stream = match client.generate_stream(req).await {
             Ok(r) => r.into_inner(),
             Err(s) => anyhow::bail!("{}: {}", code_name(s.code()), s.message()),

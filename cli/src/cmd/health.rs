@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use ferrite_worker::leader;
+use ferrite_security::connect;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::security::ClientSecurityArgs;
+
 #[derive(Args)]
 pub struct HealthArgs {
-    /// The server, `http://HOST:PORT` (coordinator or `ferrite serve`).
+    /// The server, `https://HOST:PORT` or `http://HOST:PORT` (coordinator or `ferrite serve`).
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     addr: String,
     /// The service to ask about; empty for the server as a whole (a standby coordinator
@@ -22,6 +24,9 @@ pub struct HealthArgs {
     /// Give up after this long (e.g. 3s, 500ms).
     #[arg(long, default_value = "3s", value_parser = super::coordinator::parse_duration)]
     timeout: Duration,
+    /// `--tls-ca` for an https:// server (the health service itself needs no token).
+    #[command(flatten)]
+    client: ClientSecurityArgs,
 }
 
 pub fn run(args: HealthArgs) -> anyhow::Result<()> {
@@ -43,11 +48,11 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
 }
 
 async fn check(args: &HealthArgs) -> anyhow::Result<ServingStatus> {
-    let urls = leader::parse_urls(&args.addr).map_err(|e| anyhow!("--addr: {e}"))?;
-    let channel = tonic::transport::Endpoint::from_shared(urls[0].clone())?
-        .connect()
+    let creds = args.client.credentials()?;
+    let urls = connect::parse_urls(&args.addr, &creds).map_err(|e| anyhow!("--addr: {e}"))?;
+    let channel = connect::open(&urls[0], &creds)
         .await
-        .map_err(|e| anyhow!("cannot reach {}: {}", urls[0], leader::describe(&e)))?;
+        .map_err(|e| anyhow!("cannot reach {}: {e}", urls[0]))?;
     let req = HealthCheckRequest { service: args.service.clone() };
     let resp = HealthClient::new(channel)
         .check(req)

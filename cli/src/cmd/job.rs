@@ -7,12 +7,13 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use ferrite_proto::v1 as pb;
-use ferrite_worker::leader;
+use ferrite_security::{connect, AuthChannel, Credentials};
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::job_service_client::JobServiceClient;
 use serde_json::json;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+
+use super::security::ClientSecurityArgs;
 
 /// Where the coordinator is.
 #[derive(Args)]
@@ -26,6 +27,8 @@ pub struct Connection {
         global = true
     )]
     coordinator: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
 }
 
 #[derive(Args)]
@@ -145,12 +148,12 @@ pub fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<()> {
 /// Runs one command against the coordinator; any failure is one line on stderr and exit 1.
 fn block_on<F, Fut>(conn: &Connection, f: F) -> anyhow::Result<()>
 where
-    F: FnOnce(JobServiceClient<Channel>) -> Fut,
+    F: FnOnce(JobServiceClient<AuthChannel>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(async {
-        let client = connect(&conn.coordinator).await?;
+        let client = connect(&conn.coordinator, &conn.security.credentials()?).await?;
         f(client).await
     });
     if let Err(e) = result {
@@ -162,13 +165,13 @@ where
 
 /// A client of the coordinator at `urls` (comma-separated: the one that leads; during an
 /// election it waits up to 15 s for a leader).
-async fn connect(urls: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let urls = leader::parse_urls(urls).map_err(|e| anyhow!("{e}"))?;
+async fn connect(urls: &str, creds: &Credentials) -> anyhow::Result<JobServiceClient<AuthChannel>> {
+    let urls = connect::parse_urls(urls, creds).map_err(|e| anyhow!("{e}"))?;
     let patience = Duration::from_secs(15);
-    let (_, channel) = leader::connect(&urls, leader::JOB_SERVICE, patience)
+    let (_, channel) = connect::connect(&urls, connect::JOB_SERVICE, patience, creds)
         .await
         .map_err(|e| anyhow!("cannot reach the coordinator at {}: {e}", urls.join(",")))?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::new(creds.authed(channel)))
 }
 
 /// The server's message is already worded for people (`invalid argument `x`: ...`).
@@ -180,7 +183,7 @@ pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
-async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyhow::Result<()> {
+async fn job(mut client: JobServiceClient<AuthChannel>, command: JobCommand) -> anyhow::Result<()> {
     match command {
         JobCommand::Submit { file, name, priority, device, wait } => {
             let toml = std::fs::read_to_string(&file)
@@ -249,7 +252,7 @@ async fn job(mut client: JobServiceClient<Channel>, command: JobCommand) -> anyh
 
 /// Follows a job until it ends: state changes on stderr, and a progress bar of its steps
 /// when stderr is a terminal. An error unless the job succeeded.
-async fn follow(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {
+async fn follow(mut client: JobServiceClient<AuthChannel>, id: String) -> anyhow::Result<()> {
     let req = pb::WatchJobRequest { job_id: id.clone(), include_metrics: true };
     let mut events = client.watch_job(req).await.map_err(status_error)?.into_inner();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -300,7 +303,7 @@ fn max_steps(j: &pb::Job) -> u64 {
 /// The job's history, then (with `follow`) every event until it ends. Steps are the ones
 /// this coordinator has seen; the full record is `metrics.jsonl` in the job's output dir.
 async fn logs(
-    mut client: JobServiceClient<Channel>,
+    mut client: JobServiceClient<AuthChannel>,
     id: String,
     follow: bool,
 ) -> anyhow::Result<()> {
@@ -351,7 +354,10 @@ fn time(unix_ms: i64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
 }
 
-async fn list_checkpoints(mut client: JobServiceClient<Channel>, id: String) -> anyhow::Result<()> {
+async fn list_checkpoints(
+    mut client: JobServiceClient<AuthChannel>,
+    id: String,
+) -> anyhow::Result<()> {
     let req = pb::ListCheckpointsRequest { job_id: id };
     let resp = client.list_checkpoints(req).await.map_err(status_error)?;
     println!("{:>10}  {:>9}  PATH", "STEP", "VAL_LOSS");

@@ -8,6 +8,7 @@ pub mod health;
 pub mod job;
 pub mod plot;
 pub mod quickstart;
+pub mod security;
 pub mod serve;
 pub mod train;
 pub mod worker;

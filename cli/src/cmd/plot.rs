@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ferrite_proto::v1 as pb;
+use ferrite_security::AuthChannel;
 use pb::job_service_client::JobServiceClient;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use super::job::{state_name, status_error};
 
@@ -64,7 +64,7 @@ struct Point {
 
 /// Fetches the job's steps and writes the plot to `out`.
 pub(super) async fn run(
-    mut client: JobServiceClient<Channel>,
+    mut client: JobServiceClient<AuthChannel>,
     id: String,
     out: PathBuf,
     size: (u32, u32),

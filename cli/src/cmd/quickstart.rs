@@ -3,7 +3,8 @@
 //! then an inference server on the job's published checkpoint and a generation from it.
 //!
 //! Every part is this same binary started with the command an operator would type, so the
-//! quickstart shows (and tests) the real thing. Logs go to `DIR/logs/`. Ctrl-C stops
+//! quickstart shows (and tests) the real thing, secured as a cluster should be: TLS with a
+//! CA of its own (`DIR/certs/`), a token per role, job paths confined to `DIR`. Logs go to `DIR/logs/`. Ctrl-C stops
 //! everything: the children get SIGTERM and are waited for.
 
 use std::fs;
@@ -12,9 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use ferrite_security::{certs, Role, Signer};
 
 /// Where Debian's `fortunes` package puts its files.
 const FORTUNES: &str = "/usr/share/games/fortunes";
@@ -66,24 +69,32 @@ fn quickstart(args: &QuickstartArgs, procs: &Procs) -> anyhow::Result<()> {
     prepare.arg(&data).args(&corpus);
     wait_ok(procs.spawn(prepare, "data prepare")?, "data prepare")?;
 
+    step("creating a CA, TLS certificates and tokens for this cluster (in certs/)");
+    let sec = Security::create(&dir.join("certs"))?;
+
     step("starting a coordinator (embedded store) and two CPU workers");
     let store = format!("embedded:{}", dir.join("coordinator.redb").display());
+    let out = dir.join("out");
     let mut coordinator = ferrite();
     coordinator.args(["coordinator", "--listen", "127.0.0.1:0", "--store", &store]);
-    let url = format!("http://{}", procs.start(coordinator, &logs.join("coordinator.log"))?);
+    coordinator.arg("--data-root").arg(&data).arg("--checkpoint-root").arg(&dir);
+    sec.server(&mut coordinator);
+    let url = format!("https://{}", procs.start(coordinator, &logs.join("coordinator.log"))?);
     for n in 0..2 {
         let mut worker = ferrite();
         worker.args(["worker", "--coordinator", &url, "--listen", "127.0.0.1:0"]);
         worker.args(["--threads", &args.threads.to_string()]);
+        sec.client(&mut worker, Role::Worker)?;
         procs.start(worker, &logs.join(format!("worker-{n}.log")))?;
     }
 
     step(&format!("training a 0.8M-parameter GPT for {} steps on both workers", args.steps));
     let job = dir.join("job.toml");
-    fs::write(&job, job_file(&data, &dir.join("out"), args.steps))
+    fs::write(&job, job_file(&data, &out, args.steps))
         .with_context(|| format!("writing {}", job.display()))?;
     let mut submit = ferrite();
     submit.args(["job", "submit", "--wait", "--coordinator", &url]).arg(&job);
+    sec.client(&mut submit, Role::Submit)?;
     let submitted = procs.spawn_with(submit, "job submit", Stdio::piped())?;
     let output = submitted.wait_with_output().context("waiting for the job")?;
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -100,12 +111,15 @@ fn quickstart(args: &QuickstartArgs, procs: &Procs) -> anyhow::Result<()> {
     step("serving the newest checkpoint of the job");
     let mut serve = ferrite();
     serve.args(["serve", "--listen", "127.0.0.1:0", "--coordinator", &url, "--job", &id]);
-    let server = format!("http://{}", procs.start(serve, &logs.join("serve.log"))?);
+    sec.server(&mut serve);
+    sec.client(&mut serve, Role::Read)?;
+    let server = format!("https://{}", procs.start(serve, &logs.join("serve.log"))?);
 
     step(&format!("a generation from {server}:"));
     let mut generate = ferrite();
     generate.args(["generate", "--server", &server, "--prompt", &args.prompt, "--seed", "1"]);
     generate.args(["--max-tokens", &args.max_tokens.to_string()]);
+    sec.client(&mut generate, Role::Read)?;
     wait_ok(procs.spawn_with(generate, "generate", Stdio::inherit())?, "generate")?;
     println!();
     step(&format!(
@@ -114,6 +128,38 @@ fn quickstart(args: &QuickstartArgs, procs: &Procs) -> anyhow::Result<()> {
         logs.display()
     ));
     Ok(())
+}
+
+/// The quickstart cluster's TLS material and token key: made on the first run, reused after.
+struct Security {
+    dir: PathBuf,
+    signer: Signer,
+}
+
+impl Security {
+    fn create(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.join(certs::CA_CERT).exists() {
+            certs::init(dir, &[], 30)?;
+        }
+        let signer = Signer::from_pem_file(&dir.join(certs::TOKEN_KEY))?;
+        Ok(Security { dir: dir.to_owned(), signer })
+    }
+
+    /// A server's certificate and the key that checks tokens.
+    fn server(&self, cmd: &mut Command) {
+        cmd.arg("--tls-cert").arg(self.dir.join(certs::SERVER_CERT));
+        cmd.arg("--tls-key").arg(self.dir.join(certs::SERVER_KEY));
+        cmd.arg("--token-key").arg(self.dir.join(certs::TOKEN_PUB));
+    }
+
+    /// A client's trust in the CA, and a token with `role` (in the environment, where other
+    /// users of the machine cannot read it from the process list).
+    fn client(&self, cmd: &mut Command, role: Role) -> anyhow::Result<()> {
+        let token = self.signer.issue("quickstart", role, Duration::from_secs(24 * 3600))?;
+        cmd.arg("--tls-ca").arg(self.dir.join(certs::CA_CERT));
+        cmd.env("FERRITE_TOKEN", token);
+        Ok(())
+    }
 }
 
 /// The quickstart's job: nanoGPT's Shakespeare CPU shape, on two workers.

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::coordinator::{init_logging, stopped_by_signal, LogFormat};
+use super::security::{ClientSecurityArgs, ServerSecurityArgs};
 
 #[derive(Args)]
 #[command(after_help = "Prints `READY addr=HOST:PORT` (then ` http=HOST:PORT` with \
@@ -33,7 +34,8 @@ pub struct ServeArgs {
     #[arg(long, required_unless_present = "coordinator", conflicts_with = "coordinator")]
     checkpoint: Option<PathBuf>,
     /// Serve the newest checkpoint a job published on this coordinator, switching to newer
-    /// ones as they are published.
+    /// ones as they are published; several URLs, comma-separated, when coordinators elect a
+    /// leader (the leader is followed across failovers).
     #[arg(long, requires = "job")]
     coordinator: Option<String>,
     /// The job whose checkpoints to serve (with --coordinator).
@@ -57,6 +59,13 @@ pub struct ServeArgs {
     /// Decode threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// TLS and tokens of this server (gRPC and HTTP).
+    #[command(flatten)]
+    security: ServerSecurityArgs,
+    /// What this server presents to the coordinator (with --coordinator): `--tls-ca` and a
+    /// token with role read.
+    #[command(flatten)]
+    client: ClientSecurityArgs,
     /// How logs are written to stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -70,6 +79,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let stop = stopped_by_signal()?;
+    let security = a.security.load()?;
+    security.announce("inference server");
     let cfg = EngineConfig {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
@@ -89,7 +100,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             Some(Arc::new(m))
         }
         (None, Some(url), Some(job)) => {
-            watch_job = Some(CheckpointWatch::connect(url, job).await?);
+            let creds = a.client.credentials()?;
+            watch_job = Some(CheckpointWatch::connect(url, job, creds).await?);
             None
         }
         _ => anyhow::bail!("give --checkpoint DIR, or --coordinator URL with --job ID"),
@@ -125,10 +137,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let http_task = http.map(|l| {
-        let (h, s) = (handle.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move { ferrite_inference::http::run(l, h, s).await })
+        let (h, s, sec) = (handle.clone(), stopped(stop_rx.clone()), security.clone());
+        tokio::spawn(async move { ferrite_inference::http::run(l, h, sec, s).await })
     });
-    let grpc_task = tokio::spawn(ferrite_inference::rpc::run(grpc, handle, stopped(stop_rx)));
+    let grpc_task =
+        tokio::spawn(ferrite_inference::rpc::run(grpc, handle, security, stopped(stop_rx)));
     stop.await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);

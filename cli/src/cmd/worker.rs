@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::coordinator::{init_logging, stopped_by_signal, until_set, LogFormat};
+use super::security::{ClientSecurityArgs, ServerSecurityArgs};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -36,6 +37,13 @@ pub struct WorkerArgs {
     /// off when absent. The READY line then ends with ` http=HOST:PORT`.
     #[arg(long)]
     http_listen: Option<String>,
+    /// What the worker presents to the coordinator: `--tls-ca` and a worker join token
+    /// (`ferrite token create --role worker`).
+    #[command(flatten)]
+    client: ClientSecurityArgs,
+    /// TLS and tokens of the /metrics endpoint (with --http-listen).
+    #[command(flatten)]
+    http_security: ServerSecurityArgs,
     /// How logs are written to stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -52,7 +60,17 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let threads =
         args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let credentials = args.client.credentials()?;
+    let http_security = match &args.http_listen {
+        Some(_) => {
+            let s = args.http_security.load()?;
+            s.announce("worker /metrics");
+            Some(s)
+        }
+        None => None,
+    };
     let cfg = AgentConfig {
+        credentials,
         coordinator: args.coordinator,
         threads,
         listen: args.listen,
@@ -72,8 +90,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         };
         let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
         let (stop_tx, stopping) = watch::channel(false);
-        let http_task =
-            http.map(|l| tokio::spawn(metrics::serve(l, cfg.metrics.clone(), until_set(stopping))));
+        let http_task = http.zip(http_security).map(|(l, security)| {
+            tokio::spawn(metrics::serve(l, cfg.metrics.clone(), security, until_set(stopping)))
+        });
         let stop = async move {
             stop.await;
             let _ = stop_tx.send(true);

@@ -136,7 +136,8 @@ impl Cluster {
 
     fn start_coordinator(&self, n: usize, listen: &str) -> Proc {
         let mut cmd = Command::new(FERRITE);
-        cmd.args(["coordinator", "--listen", listen]).args(&self.coordinator_args);
+        // Plain text and no tokens: security has its own tests (security.rs).
+        cmd.args(["coordinator", "--insecure", "--listen", listen]).args(&self.coordinator_args);
         cmd.args(&self.extra_args);
         Proc::start(cmd, &self.path(&format!("coordinator-{n}.log")))
     }
@@ -160,7 +161,7 @@ impl Cluster {
     pub fn add_worker(&mut self) {
         let n = self.workers.len();
         let mut cmd = Command::new(FERRITE);
-        cmd.args(["worker", "--coordinator", &self.url(), "--threads", "1"])
+        cmd.args(["worker", "--insecure", "--coordinator", &self.url(), "--threads", "1"])
             .args(["--listen", "127.0.0.1:0"])
             .args(&self.extra_args);
         let w = Proc::start(cmd, &self.path(&format!("worker-{n}.log")));

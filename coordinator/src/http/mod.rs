@@ -70,6 +70,7 @@ pub async fn run(
     listener: TcpListener,
     deps: Deps,
     cfg: HttpConfig,
+    security: ferrite_security::ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = App { deps, cfg, flops: Arc::default() };
@@ -82,8 +83,7 @@ pub async fn run(
         .route("/api/jobs/{id}/metrics", get(api_job_metrics))
         .route("/api/workers", get(api_workers))
         .with_state(app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    ferrite_security::http::serve(listener, router, &security, shutdown)
         .await
         .map_err(|e| Error::Internal(format!("http server: {e}")))
 }

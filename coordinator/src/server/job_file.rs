@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
 
 use ferrite_model::job::JobKind as FileKind;
 use ferrite_model::JobSpec as JobFile;
@@ -45,11 +46,78 @@ pub struct JobFileSummary {
     pub max_restarts: u32,
 }
 
+/// Where a job's files may be (`--data-root`, `--checkpoint-root`); no confinement when a
+/// list is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PathRoots {
+    /// `[data] dir` must lie under one of these.
+    pub data: Vec<PathBuf>,
+    /// `[output] dir`, `train.init_from` and `train.resume` must lie under one of these.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+impl PathRoots {
+    /// Each field's path must stay under its roots: no `..` component, and after symbolic
+    /// links are resolved (as far as the path exists) it must start with a root.
+    fn confine(&self, file: &JobFile) -> Result<(), FieldError> {
+        let mut paths = vec![("data.dir", &file.data.dir, &self.data)];
+        paths.push(("output.dir", &file.output.dir, &self.checkpoints));
+        if let Some(p) = &file.train.init_from {
+            paths.push(("train.init_from", p, &self.checkpoints));
+        }
+        if let Some(p) = &file.train.resume {
+            paths.push(("train.resume", p, &self.checkpoints));
+        }
+        for (field, path, roots) in paths {
+            if roots.is_empty() {
+                continue;
+            }
+            let allowed = || roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>();
+            if path.components().any(|c| c == Component::ParentDir) {
+                let why = format!("`{}`: `..` is not allowed in job paths", path.display());
+                return Err(FieldError::new(field, why));
+            }
+            let real = resolved(path);
+            if !roots.iter().any(|root| real.starts_with(resolved(root))) {
+                let why = format!(
+                    "`{}` is outside the allowed roots ({})",
+                    path.display(),
+                    allowed().join(", ")
+                );
+                return Err(FieldError::new(field, why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `path` made absolute with symbolic links resolved in its longest existing prefix (the
+/// rest, not yet created, cannot be a link).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 /// Parses and validates a job file. Relative paths resolve against the coordinator's
-/// working directory, as they would for `ferrite train` started there.
-pub fn check(text: &str) -> Result<JobFileSummary, FieldError> {
+/// working directory, as they would for `ferrite train` started there; paths must stay
+/// under `roots`.
+pub fn check(text: &str, roots: &PathRoots) -> Result<JobFileSummary, FieldError> {
     let file = JobFile::parse(text).map_err(|e| parse_error(text, &e.to_string()))?;
     file.validate().map_err(|e| validate_error(&e))?;
+    roots.confine(&file)?;
     let dir = &file.data.dir;
     if !dir.is_dir() {
         let why = format!("`{}` is not a directory on the coordinator", dir.display());
@@ -170,13 +238,13 @@ mod tests {
     }
 
     fn field(text: &str) -> String {
-        check(text).expect_err("should be rejected").field
+        check(text, &PathRoots::default()).expect_err("should be rejected").field
     }
 
     #[test]
     fn valid_file_gives_the_cluster_fields() {
         let dir = tempfile::tempdir().unwrap();
-        let summary = check(&job(dir.path().to_str().unwrap())).unwrap();
+        let summary = check(&job(dir.path().to_str().unwrap()), &PathRoots::default()).unwrap();
         assert_eq!((summary.workers, summary.min_workers), (2, 1));
         assert_eq!((summary.kind, summary.priority), (JobKind::Pretrain, 3));
     }
@@ -191,7 +259,8 @@ mod tests {
         assert_eq!(field(&job("/definitely/not/here")), "data.dir");
         assert_eq!(field(&ok.replace("n_layer = 2\n", "")), "model.n_layer");
         assert_eq!(field(&ok.replace("n_head = 4", "n_head = \"x\"")), "model.n_head");
-        let err = check(&ok.replace("n_embd = 128", "n_embd = 130")).unwrap_err();
+        let err =
+            check(&ok.replace("n_embd = 128", "n_embd = 130"), &PathRoots::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid argument `model.n_embd`: 130 is not a positive multiple of n_head = 4"
@@ -200,8 +269,33 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_one_line() {
-        let err = check("[model\nn_layer = 2\n").unwrap_err();
+        let err = check("[model\nn_layer = 2\n", &PathRoots::default()).unwrap_err();
         assert!(!err.reason.contains('\n'), "{err}");
         assert!(err.reason.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn paths_must_stay_under_their_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let out = root.path().join("runs");
+        let roots = PathRoots { data: vec![data.clone()], checkpoints: vec![out.clone()] };
+        let with = |data_dir: &Path, out_dir: &Path| {
+            job(data_dir.to_str().unwrap()).replace("\"out/x\"", &format!("{out_dir:?}"))
+        };
+        assert!(check(&with(&data, &out.join("a")), &roots).is_ok());
+        let err = check(&with(&data.join("../data"), &out.join("a")), &roots).unwrap_err();
+        assert_eq!(err.field, "data.dir");
+        assert!(err.reason.contains("`..`"), "{err}");
+        let err = check(&with(&data, Path::new("/tmp/x")), &roots).unwrap_err();
+        assert_eq!(err.field, "output.dir");
+        assert!(err.reason.contains("outside the allowed roots"), "{err}");
+        // A link inside the root that leads out of it is outside.
+        std::os::unix::fs::symlink("/", data.join("up")).unwrap();
+        let err = check(&with(&data.join("up/tmp"), &out.join("a")), &roots).unwrap_err();
+        assert_eq!(err.field, "data.dir");
+        // No roots: no confinement (the default of a coordinator without the flags).
+        assert!(check(&with(&data, Path::new("/tmp/x")), &PathRoots::default()).is_ok());
     }
 }

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::job::{Job, JobId, JobKind, JobSpec, MAX_JOB_TOML_BYTES};
 use crate::jobs::JobUpdates;
 use crate::rpc::convert::{device_from_proto, required, state_from_proto};
-use crate::server::job_file;
+use crate::server::job_file::{self, PathRoots};
 use crate::server::Deps;
 use crate::{CheckpointRegistry, Controller, JobRegistry};
 
@@ -29,6 +29,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status
 /// The `JobService` handlers.
 pub struct JobApi {
     jobs: JobRegistry,
+    roots: PathRoots,
     checkpoints: CheckpointRegistry,
     control: Arc<Controller>,
     /// Becomes `true` when the server begins to shut down.
@@ -37,7 +38,8 @@ pub struct JobApi {
 
 impl JobApi {
     pub fn new(deps: Deps, stopping: watch::Receiver<bool>) -> Self {
-        JobApi { jobs: deps.jobs, checkpoints: deps.checkpoints, control: deps.control, stopping }
+        let (jobs, roots) = (deps.jobs, deps.roots);
+        JobApi { jobs, roots, checkpoints: deps.checkpoints, control: deps.control, stopping }
     }
 }
 
@@ -45,7 +47,7 @@ impl JobApi {
 impl pb::job_service_server::JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Reply<pb::SubmitJobResponse> {
         let wire = required("spec", req.into_inner().spec)?;
-        let job = self.jobs.submit(spec_from_wire(wire)?).await?;
+        let job = self.jobs.submit(spec_from_wire(wire, &self.roots)?).await?;
         tracing::info!(job = %job.id, name = %job.spec.name, "job submitted");
         self.control.wake();
         Ok(Response::new(pb::SubmitJobResponse { job: Some((&job).into()) }))
@@ -125,7 +127,7 @@ impl pb::job_service_server::JobService for JobApi {
 /// says: `kind`, `workers` and `min_workers` on the wire may be left unset (taken from the
 /// file) but must agree with it when set; `name` and `priority` on the wire override the
 /// file's; `device` exists only on the wire.
-fn spec_from_wire(wire: pb::JobSpec) -> Result<JobSpec, Status> {
+fn spec_from_wire(wire: pb::JobSpec, roots: &PathRoots) -> Result<JobSpec, Status> {
     if wire.toml.len() > MAX_JOB_TOML_BYTES {
         let why = format!("{} bytes; at most {MAX_JOB_TOML_BYTES}", wire.toml.len());
         return Err(Error::invalid("spec.toml", why).into());
@@ -133,7 +135,8 @@ fn spec_from_wire(wire: pb::JobSpec) -> Result<JobSpec, Status> {
     if wire.toml.trim().is_empty() {
         return Err(Error::invalid("spec.toml", "the job file is empty").into());
     }
-    let file = job_file::check(&wire.toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let file =
+        job_file::check(&wire.toml, roots).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let kind = match pb::JobKind::try_from(wire.kind) {
         Ok(pb::JobKind::Unspecified) => file.kind,
         Ok(pb::JobKind::Pretrain) => JobKind::Pretrain,

@@ -24,15 +24,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrite_proto::v1 as pb;
+use ferrite_security::{AuthLayer, ServerSecurity};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::error::{Error, Result};
 use crate::leader::{self, Role};
+use crate::store::EtcdAccess;
 use crate::WorkerRegistry;
 use crate::{CheckpointRegistry, Controller, EmbeddedStore, EtcdStore, JobRegistry, Store};
 
+pub use job_file::PathRoots;
 use job_service::JobApi;
 use worker_service::WorkerApi;
 
@@ -47,6 +51,8 @@ pub struct Deps {
     pub control: Arc<Controller>,
     /// Leader or standby; only the leader runs the control loop and answers calls.
     pub role: watch::Receiver<Role>,
+    /// Where submitted jobs' paths may point.
+    pub roots: PathRoots,
 }
 
 impl Deps {
@@ -61,20 +67,38 @@ impl Deps {
         let checkpoints = CheckpointRegistry::new(store.clone());
         let workers = WorkerRegistry::new(store, timeout);
         let control = Arc::new(Controller::new(jobs.clone(), checkpoints.clone(), workers));
-        Deps { jobs, checkpoints, control, role: leader::sole_leader() }
+        Deps {
+            jobs,
+            checkpoints,
+            control,
+            role: leader::sole_leader(),
+            roots: PathRoots::default(),
+        }
     }
 
     /// Serves as leader only while `role` says so (a coordinator campaigning on etcd).
     pub fn with_role(self, role: watch::Receiver<Role>) -> Self {
         Deps { role, ..self }
     }
+
+    /// Confines submitted jobs' paths to `roots`.
+    pub fn with_roots(self, roots: PathRoots) -> Self {
+        Deps { roots, ..self }
+    }
 }
 
+/// Largest request message accepted (a job spec has its own, smaller limit: see
+/// [`crate::job::MAX_JOB_TOML_BYTES`]).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Most concurrent calls (HTTP/2 streams) one client connection may have open.
+pub const MAX_STREAMS_PER_CLIENT: u32 = 64;
+
 /// Serves until `shutdown` completes, then stops accepting, ends open `WatchJob` streams and
-/// returns once in-flight requests have been answered.
+/// returns once in-flight requests have been answered. TLS and tokens as `security` says.
 pub async fn run(
     listener: TcpListener,
     deps: Deps,
+    security: ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (stopping_tx, stopping) = watch::channel(false);
@@ -95,13 +119,17 @@ pub async fn run(
         Some(refusal) => Err(refusal),
         None => Ok(req),
     };
-    let workers = WorkerServer::with_interceptor(
-        WorkerApi::new(control.clone(), stopping.clone()),
+    let workers = InterceptedService::new(
+        WorkerServer::new(WorkerApi::new(control.clone(), stopping.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         leader_only.clone(),
     );
     let control_loop = tokio::spawn(control.run(stopping.clone(), deps.role.clone()));
     let serving = tokio::spawn(report_role(health.clone(), deps.role.clone()));
-    let api = JobServer::with_interceptor(JobApi::new(deps, stopping), leader_only);
+    let api = InterceptedService::new(
+        JobServer::new(JobApi::new(deps, stopping)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        leader_only,
+    );
     let signal = async move {
         shutdown.await;
         serving.abort();
@@ -110,7 +138,15 @@ pub async fn run(
         // Streams see this and end, so the graceful shutdown below does not wait on them.
         let _ = stopping_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        builder = builder
+            .tls_config(tls.tonic().map_err(|e| Error::Internal(e.to_string()))?)
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    }
+    builder
+        .max_concurrent_streams(MAX_STREAMS_PER_CLIENT)
+        .layer(AuthLayer::new(security.verifier.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
@@ -155,12 +191,13 @@ pub enum StoreSpec {
 }
 
 impl StoreSpec {
-    /// Opens (or connects to) the store.
-    pub async fn open(&self) -> Result<Arc<dyn Store>> {
+    /// Opens (or connects to, with `access` for etcd) the store.
+    pub async fn open(&self, access: &EtcdAccess) -> Result<Arc<dyn Store>> {
         Ok(match self {
             StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
             StoreSpec::Etcd(endpoints) => {
-                Arc::new(EtcdStore::connect(endpoints, EtcdStore::DEFAULT_NAMESPACE).await?)
+                let ns = EtcdStore::DEFAULT_NAMESPACE;
+                Arc::new(EtcdStore::connect_with(endpoints, ns, access).await?)
             }
         })
     }

@@ -19,6 +19,29 @@ use crate::error::{Error, Result};
 
 const WATCH_BUFFER: usize = 1024;
 
+/// How the coordinator authenticates to etcd: TLS (`https://` endpoints, optionally with a
+/// client certificate) and etcd's own user and password. Every etcd client the coordinator
+/// makes (the store, the leader election) uses the same.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    pub tls: Option<ferrite_security::ClientTls>,
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdAccess {
+    /// `options` with this access applied.
+    pub fn apply(&self, mut options: ConnectOptions) -> Result<ConnectOptions> {
+        if let Some(tls) = &self.tls {
+            let config = tls.tonic().map_err(|e| Error::invalid("etcd TLS", e.to_string()))?;
+            options = options.with_tls(config);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Ok(options)
+    }
+}
+
 /// A store in etcd. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -32,15 +55,26 @@ impl EtcdStore {
 
     /// Connects to `endpoints` (`http://host:port`); every key is stored under `namespace`.
     pub async fn connect(endpoints: &[String], namespace: &str) -> Result<Self> {
+        Self::connect_with(endpoints, namespace, &EtcdAccess::default()).await
+    }
+
+    /// [`EtcdStore::connect`] with TLS and/or a user.
+    pub async fn connect_with(
+        endpoints: &[String],
+        namespace: &str,
+        access: &EtcdAccess,
+    ) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(Error::invalid("endpoints", "no etcd endpoint given"));
         }
         if namespace.is_empty() {
             return Err(Error::invalid("namespace", "must not be empty"));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let options = access.apply(
+            ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5)),
+        )?;
         let client = Client::connect(endpoints, Some(options)).await?;
         Ok(EtcdStore { client, namespace: namespace.to_owned() })
     }

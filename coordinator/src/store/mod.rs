@@ -26,7 +26,7 @@ use tokio_stream::Stream;
 use crate::error::{Error, Result};
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdAccess, EtcdStore};
 
 /// Store-wide write counter; each key's value carries the revision of its last write.
 pub type Revision = u64;

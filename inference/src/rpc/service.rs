@@ -10,6 +10,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use ferrite_security::{AuthLayer, ServerSecurity};
+
 use crate::engine::EngineHandle;
 use crate::error::{InferenceError, Result};
 use crate::request::{Event, GenerateRequest};
@@ -92,10 +94,17 @@ impl pb::inference_service_server::InferenceService for InferenceApi {
     }
 }
 
-/// Serves `InferenceService`, health and reflection until `shutdown` completes.
+/// Largest request accepted (a prompt of a few hundred thousand tokens' text).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Most concurrent calls (HTTP/2 streams) one client connection may have open.
+pub const MAX_STREAMS_PER_CLIENT: u32 = 64;
+
+/// Serves `InferenceService`, health and reflection until `shutdown` completes, with TLS and
+/// tokens as `security` says.
 pub async fn run(
     listener: TcpListener,
     engine: EngineHandle,
+    security: ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -110,10 +119,20 @@ pub async fn run(
         shutdown.await;
         health.set_not_serving::<Server>().await;
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        let config = tls.tonic().map_err(|e| InferenceError::Coordinator(e.to_string()))?;
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| InferenceError::Coordinator(format!("TLS: {e}")))?;
+    }
+    let api = Server::new(InferenceApi::new(engine)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    builder
+        .max_concurrent_streams(MAX_STREAMS_PER_CLIENT)
+        .layer(AuthLayer::new(security.verifier.clone()))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(Server::new(InferenceApi::new(engine)))
+        .add_service(api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await
         .map_err(|e| InferenceError::Coordinator(format!("grpc server: {e}")))
