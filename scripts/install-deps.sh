@@ -18,6 +18,10 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # curl: the security test fetches /metrics over HTTPS with and without a token.
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# Compose for the smoke test (deploy/compose/smoke.sh), where a Docker engine runs.
+if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

@@ -8,6 +8,9 @@
 #   serve   the inference server on that job's checkpoint answers /v1/completions
 #   recover a second, longer job; worker-2's container is SIGKILLed after its first published
 #           checkpoint; the job must go through RECOVERING and still succeed
+#   failover coordinator-2 stands by; the leader (coordinator-1) is SIGKILLed; coordinator-2
+#           must take over and a third job, submitted through it, must succeed on the
+#           workers, which follow the new leader
 # and always, even on failure (trap): logs of failed services, `docker compose down -v`.
 #
 # Usage: deploy/compose/smoke.sh [--until STEP] [--no-build] [--keep]
@@ -23,8 +26,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-steps=(build cluster data workers job serve recover)
-until_step=recover
+steps=(build cluster data workers job serve recover failover)
+until_step=failover
 build=1
 keep=0
 while [ $# -gt 0 ]; do
@@ -262,4 +265,29 @@ grep -q RECOVERING <<<"$history" || die "job $job2 succeeded without recovering:
 log "job $job2 recovered from the lost worker and succeeded"
 dc start worker-2 >/dev/null
 wait_healthy worker-2 90
+last_step recover && finish
+
+# --- failover ------------------------------------------------------------------------------
+step=failover
+dc up -d coordinator-2
+wait_healthy coordinator-2 90
+leads() { docker exec "$(cid "$1")" ferrite health --addr localhost:7070 --service ferrite.v1.JobService >/dev/null 2>&1; }
+leads coordinator-1 || die "coordinator-1 does not lead (coordinator-2 started later)"
+leads coordinator-2 && die "coordinator-2 leads too"
+log "killing the leader, coordinator-1 (SIGKILL)"
+docker kill "$(cid coordinator-1)" >/dev/null
+deadline=$((SECONDS + 60))
+until leads coordinator-2; do
+  [ "$SECONDS" -ge "$deadline" ] && die "coordinator-2 did not take over within 60s"
+  sleep 1
+done
+log "coordinator-2 leads; submitting smoke-short's job as smoke-failover through it (--wait)"
+both=https://coordinator-1:7070,https://coordinator-2:7070
+out=$(sed 's#/data/jobs/smoke-short#/data/jobs/smoke-failover#; s/^name = .*/name = "smoke-failover"/' \
+    deploy/compose/jobs/smoke-short.toml \
+  | timeout "$job_timeout" docker exec -i -e "FERRITE_COORDINATOR=$both" \
+    -e FERRITE_TOKEN_FILE=/certs/admin.token "$(cid coordinator-2)" \
+    ferrite job submit /dev/stdin --wait) \
+  || die "a job after the failover did not succeed within ${job_timeout}s (id: ${out:-none})"
+log "job $(head -n 1 <<<"$out") succeeded under coordinator-2"
 finish
