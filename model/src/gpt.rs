@@ -13,22 +13,6 @@ use crate::{GptConfig, ModelError};
 /// Told by [`Gpt::backward_with`] which gradient ranges are final, with the gradients.
 pub type GradsReady<'a, Buf> = dyn FnMut(&Buf, &[Range<usize>]) + 'a;
 
-/// The tensors every layer has its own of, in layout order.
-const PER_LAYER: [Tensor; 12] = [
-    Tensor::Ln1W,
-    Tensor::Ln1B,
-    Tensor::QkvW,
-    Tensor::QkvB,
-    Tensor::AttProjW,
-    Tensor::AttProjB,
-    Tensor::Ln2W,
-    Tensor::Ln2B,
-    Tensor::FcW,
-    Tensor::FcB,
-    Tensor::FcProjW,
-    Tensor::FcProjB,
-];
-
 /// Activations of one block, saved by forward for backward.
 struct LayerActs<B: Backend> {
     ln1: B::Buf,       // (B, T, C)
@@ -543,7 +527,9 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             );
-            ready(g, &PER_LAYER.map(|t| lay.at(t, l)));
+            let grads: [_; Tensor::PER_LAYER.len()] =
+                std::array::from_fn(|i| lay.at(Tensor::PER_LAYER[i], l));
+            ready(g, &grads);
         }
         let [dwte, dwpe] = be.split_mut(g, [lay.at(Tensor::Wte, 0), lay.at(Tensor::Wpe, 0)]);
         be.encoder_backward(dwte, dwpe, be.view(&acts.dres, r(c)), &acts.tokens, b, t, c);

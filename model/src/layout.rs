@@ -47,6 +47,10 @@ impl Tensor {
         Tensor::LnfB,
     ];
 
+    /// The tensors each layer has its own of, in layout order: [`Tensor::ALL`] without the
+    /// embeddings before them and the final LayerNorm after.
+    pub const PER_LAYER: &'static [Tensor] = Tensor::ALL.split_at(2).1.split_at(12).0;
+
     /// Whether the tensor is one per layer.
     pub fn per_layer(self) -> bool {
         !matches!(self, Tensor::Wte | Tensor::Wpe | Tensor::LnfW | Tensor::LnfB)
@@ -135,6 +139,12 @@ impl ParamLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_layer_is_every_per_layer_tensor_in_order() {
+        let filtered: Vec<Tensor> = Tensor::ALL.into_iter().filter(|t| t.per_layer()).collect();
+        assert_eq!(Tensor::PER_LAYER, filtered.as_slice());
+    }
 
     #[test]
     fn tensors_tile_the_buffer_without_gaps() {

@@ -101,13 +101,9 @@ impl std::fmt::Debug for Bearer {
 /// A hint for a connection error that looks like a TLS mismatch.
 pub fn tls_hint(url: &str, error: &str) -> Option<&'static str> {
     let e = error.to_ascii_lowercase();
-    if url.starts_with("http://")
-        && (e.contains("frame")
-            || e.contains("connection reset")
-            || e.contains("protocol")
-            || e.contains("closed")
-            || e.contains("broken pipe"))
-    {
+    // A TLS server drops a plain-text client; how the client sees it varies with timing.
+    let dropped = ["frame", "connection reset", "protocol", "closed", "broken pipe", "canceled"];
+    if url.starts_with("http://") && dropped.iter().any(|m| e.contains(m)) {
         return Some("the server may require TLS: use an https:// URL and --tls-ca");
     }
     if url.starts_with("https://")
@@ -132,4 +128,20 @@ pub fn tls_hint(url: &str, error: &str) -> Option<&'static str> {
         return Some("the server's certificate is not signed by the CA given with --tls-ca");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_hint;
+
+    #[test]
+    fn hints_name_the_likely_mismatch() {
+        let plain = tls_hint("http://h:1", "health check: operation was canceled").unwrap();
+        assert!(plain.contains("https://"));
+        let tls = tls_hint("https://h:1", "received corrupt message of type InvalidContentType");
+        assert!(tls.unwrap().contains("plain text"));
+        let ca = tls_hint("https://h:1", "invalid peer certificate: UnknownIssuer").unwrap();
+        assert!(ca.contains("--tls-ca"));
+        assert_eq!(tls_hint("http://h:1", "no route to host"), None);
+    }
 }

@@ -260,6 +260,16 @@ impl<B: Backend> Timed<B> {
     pub fn new(inner: Box<dyn Collective<B>>, metrics: Arc<WorkerMetrics>) -> Self {
         Timed { inner, metrics }
     }
+
+    /// Runs `f` on the inner collective, recorded as an all-reduce of `len` gradients.
+    fn timed<R>(&mut self, len: usize, f: impl FnOnce(&mut dyn Collective<B>) -> R) -> R {
+        let started = Instant::now();
+        let result = f(self.inner.as_mut());
+        // Gradients are f32 on every backend.
+        let bytes = (len * std::mem::size_of::<f32>()) as u64;
+        self.metrics.observe_allreduce(started.elapsed(), bytes);
+        result
+    }
 }
 
 impl<B: Backend> Collective<B> for Timed<B> {
@@ -272,12 +282,7 @@ impl<B: Backend> Collective<B> for Timed<B> {
     }
 
     fn all_reduce_mean(&mut self, be: &B, buf: &mut B::Buf, len: usize) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        let result = self.inner.all_reduce_mean(be, buf, len);
-        // Gradients are f32 on every backend.
-        let bytes = (len * std::mem::size_of::<f32>()) as u64;
-        self.metrics.observe_allreduce(started.elapsed(), bytes);
-        result
+        self.timed(len, |c| c.all_reduce_mean(be, buf, len))
     }
 
     fn mean_scalar(&mut self, x: f64) -> Result<f64, WorkerError> {
@@ -296,11 +301,7 @@ impl<B: Backend> Collective<B> for Timed<B> {
     }
 
     fn finish_buckets(&mut self, be: &B, buf: &mut B::Buf, len: usize) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        let result = self.inner.finish_buckets(be, buf, len);
-        let bytes = (len * std::mem::size_of::<f32>()) as u64;
-        self.metrics.observe_allreduce(started.elapsed(), bytes);
-        result
+        self.timed(len, |c| c.finish_buckets(be, buf, len))
     }
 }
 
