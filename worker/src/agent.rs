@@ -324,7 +324,10 @@ impl Agent {
                 Ok(()) => delay = RETRY_MIN,
                 Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
                     tracing::warn!(status = %s.message(), "fenced by the coordinator; stopping the rank and registering again");
+                    // The stopped rank keeps the old lease, revoked for good; the next
+                    // registration's heartbeats confirm a new one.
                     self.lease.revoke();
+                    self.lease = Arc::new(Lease::new());
                     if let Some(r) = self.running.take() {
                         r.stop();
                     }

@@ -153,8 +153,9 @@ impl<B: Backend> Trainer<B> {
         self.buckets = Bucketer::new(bytes / 4);
     }
 
-    /// Makes [`Trainer::run`] return [`WorkerError::Stopped`] before its next step once
-    /// `flag` is set (from any thread).
+    /// Makes [`Trainer::run`] return [`WorkerError::Stopped`] before its next step or its
+    /// next write to the output, whichever comes first, once `flag` is set (from any
+    /// thread).
     pub fn stop_when_set(&mut self, flag: Arc<AtomicBool>) {
         self.stop = flag;
     }
@@ -162,14 +163,20 @@ impl<B: Backend> Trainer<B> {
     /// A lease check before every write to the shared output (metrics line, checkpoint):
     /// `holds` says whether this worker's membership is known to be alive. While it is not
     /// (the coordinator is restarting, or this process was stalled long enough to have
-    /// been declared lost and replaced), the write waits; if the rank is stopped meanwhile
-    /// (fenced) or the lease is not renewed within [`FENCE_WAIT`], [`Trainer::run`] returns
-    /// [`WorkerError::Fenced`] and writes nothing.
+    /// been declared lost and replaced), the write waits; if the lease is not renewed
+    /// within [`FENCE_WAIT`], [`Trainer::run`] returns [`WorkerError::Fenced`] and writes
+    /// nothing. A rank that was stopped (fenced by the coordinator) writes nothing even if
+    /// `holds` says yes.
     pub fn fence_writes(&mut self, holds: impl Fn() -> bool + Send + Sync + 'static) {
         self.write_fence = Some(Box::new(holds));
     }
 
     fn check_fence(&self) -> Result<(), WorkerError> {
+        // A rank told to stop writes nothing more, whatever the lease says: the lease may
+        // already be confirmed again for this worker's next registration.
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(WorkerError::Stopped { step: self.step });
+        }
         let Some(holds) = &self.write_fence else { return Ok(()) };
         let since = Instant::now();
         while !holds() {
@@ -406,18 +413,26 @@ fn check_same_shape(
 
 /// Opens `metrics.jsonl` for appending, first dropping lines past `step` (a resumed run
 /// rewrites what the interrupted one logged after its checkpoint).
+///
+/// The kept lines go to a new file that is renamed over the old one, so a stale writer of an
+/// earlier attempt (a process stalled past its lease that wakes up between its lease check
+/// and its write) appends to the replaced file, which nobody reads, never into this one.
 fn open_metrics(out: &Path, step: u64) -> Result<File, WorkerError> {
     std::fs::create_dir_all(out).map_err(WorkerError::io(out.display().to_string()))?;
     let path = out.join("metrics.jsonl");
-    if step == 0 {
-        return File::create(&path).map_err(WorkerError::io(path.display().to_string()));
-    }
-    let kept: String = std::fs::read_to_string(&path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&path, kept).map_err(WorkerError::io(path.display().to_string()))?;
+    let kept: String = if step == 0 {
+        String::new()
+    } else {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let fresh = out.join(format!(".metrics.jsonl.{}", std::process::id()));
+    let err = WorkerError::io(fresh.display().to_string());
+    std::fs::write(&fresh, kept).map_err(err)?;
+    std::fs::rename(&fresh, &path).map_err(WorkerError::io(path.display().to_string()))?;
     OpenOptions::new().append(true).open(&path).map_err(WorkerError::io(path.display().to_string()))
 }

@@ -254,7 +254,9 @@ fn peer_that_disappears_mid_piece_is_an_error_not_a_hang() {
         drop((out, inc));
     });
     assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+    // A read sees the end of the stream, a write a reset or a broken pipe: all say the same.
     assert!(err.contains("receiving from") || err.contains("sending to"), "{err}");
+    assert!(err.contains("connection closed by peer"), "{err}");
 }
 
 #[test]

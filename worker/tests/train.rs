@@ -174,3 +174,54 @@ fn finetune_from_checkpoint_lowers_completion_loss_and_ignores_prompt_tokens() {
     let (first, last) = (steps[0].loss, steps.last().unwrap().loss);
     assert!(last < first * 0.5, "completion loss {first} -> {last}");
 }
+
+#[test]
+fn a_rank_stopped_mid_run_writes_nothing_more_even_while_its_lease_holds() {
+    // The agent stops a fenced rank and registers again; the new registration confirms a
+    // lease, so "the lease holds" alone must not let the old rank write.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let out = tmp.path().join("out");
+    let spec = job(&data, &out, 30, "");
+    let be = Arc::new(CpuBackend::new(spec.train.threads).unwrap());
+    let mut t = Trainer::new(be, spec, Box::new(Single)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    t.stop_when_set(stop.clone());
+    t.fence_writes(|| true);
+    // Stopped after step 10's metrics line, before its checkpoint is written.
+    let err = t
+        .run(|e| {
+            if let Event::Step(m) = e {
+                if m.step == 10 {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, ferrite_worker::WorkerError::Stopped { step: 10 }), "{err}");
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 10);
+    let dir = out.join("checkpoints");
+    let kept = if dir.exists() { ferrite_model::checkpoint::list(&dir).unwrap() } else { vec![] };
+    assert!(kept.is_empty(), "a stopped rank wrote checkpoints {kept:?}");
+}
+
+#[test]
+fn a_stale_writer_of_an_earlier_attempt_cannot_corrupt_the_resumed_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let out = tmp.path().join("out");
+    train(job(&data, &out, 20, ""));
+    // The first attempt's rank 0, stalled with its metrics file open, wakes up late.
+    let mut stale =
+        std::fs::OpenOptions::new().append(true).open(out.join("metrics.jsonl")).unwrap();
+    let ck = out.join("checkpoints").join("step-00000010");
+    train(job(&data, &out, 30, &format!("resume = \"{}\"", ck.display())));
+    std::io::Write::write_all(&mut stale, b"{\"step\":21,\"loss\":9").unwrap();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+}

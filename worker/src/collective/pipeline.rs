@@ -56,6 +56,11 @@ pub(super) fn why(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".into(),
         io::ErrorKind::UnexpectedEof => "connection closed by peer".into(),
+        // Which of these a dead peer shows depends on timing: the first write after the
+        // peer closed is answered by a reset, the next fails with a broken pipe.
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => format!("connection closed by peer ({e})"),
         _ => e.to_string(),
     }
 }
