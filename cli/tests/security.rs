@@ -229,7 +229,7 @@ fn plain_text_against_tls_and_untrusted_certificates_fail_clearly() {
     let plain = run(ferrite()
         .args(["job", "list", "--coordinator", &format!("http://{}", s.coordinator.addr)])
         .env("FERRITE_TOKEN", &read));
-    refused(&plain, "the server may require TLS: use an https:// URL and --tls-ca");
+    refused(&plain, "the server requires TLS: use an https:// URL and --tls-ca");
 
     let no_ca = run(ferrite().args(["job", "list", "--coordinator", &s.url()]));
     refused(&no_ca, "--tls-ca");

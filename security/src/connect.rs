@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
-use crate::client::tls_hint;
+use crate::client::{speaks_tls, tls_hint, WANTS_TLS};
 use crate::Credentials;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -59,7 +59,7 @@ pub async fn connect(
         match HealthClient::new(channel.clone()).check(req).await {
             // A server without the health service still answered: the connection works.
             Err(s) if s.code() != tonic::Code::Unimplemented => {
-                return Err(with_hint(url, format!("health check: {}", s.message())));
+                return Err(with_hint(url, format!("health check: {}", s.message())).await);
             }
             _ => return Ok((url.clone(), channel)),
         }
@@ -84,7 +84,10 @@ pub async fn connect(
 /// only).
 pub async fn open(url: &str, creds: &Credentials) -> Result<Channel, String> {
     let endpoint: Endpoint = creds.endpoint(url).map_err(|e| e.to_string())?;
-    endpoint.connect().await.map_err(|e| with_hint(url, describe(&e)))
+    match endpoint.connect().await {
+        Ok(channel) => Ok(channel),
+        Err(e) => Err(with_hint(url, describe(&e)).await),
+    }
 }
 
 /// A channel to `url` that connects on first use (and reconnects while it is down).
@@ -92,22 +95,29 @@ pub fn open_lazy(url: &str, creds: &Credentials) -> Result<Channel, String> {
     Ok(creds.endpoint(url).map_err(|e| e.to_string())?.connect_lazy())
 }
 
-/// `why`, and a hint when it looks like a TLS mismatch.
-pub fn with_hint(url: &str, why: String) -> String {
-    match tls_hint(url, &why) {
-        Some(hint) => format!("{why} ({hint})"),
-        None => why,
+/// `why`, and a hint when it looks like a TLS mismatch: for `http://` URLs (one or a
+/// comma-separated list) the server is asked whether it speaks TLS ([`speaks_tls`]), for
+/// `https://` ones the error's wording says.
+pub async fn with_hint(urls: &str, why: String) -> String {
+    for url in urls.split(',').map(str::trim) {
+        if speaks_tls(url).await {
+            return format!("{why} ({WANTS_TLS})");
+        }
+        if let Some(hint) = tls_hint(url, &why) {
+            return format!("{why} ({hint})");
+        }
     }
+    why
 }
 
 /// A channel to `url` if its health service says it serves `service`.
 async fn serves(url: &str, service: &str, creds: &Credentials) -> Result<Channel, String> {
     let channel = open(url, creds).await?;
     let req = HealthCheckRequest { service: service.to_owned() };
-    let resp = HealthClient::new(channel.clone())
-        .check(req)
-        .await
-        .map_err(|s| with_hint(url, format!("health check: {}", s.message())))?;
+    let resp = match HealthClient::new(channel.clone()).check(req).await {
+        Ok(resp) => resp,
+        Err(s) => return Err(with_hint(url, format!("health check: {}", s.message())).await),
+    };
     match resp.into_inner().status() {
         ServingStatus::Serving => Ok(channel),
         _ => Err("standby (not the leader)".into()),

@@ -305,7 +305,8 @@ impl Agent {
                 Err(s) if s.code() == Code::Unavailable => {
                     // Said at warning level: a TLS mismatch or a wrong address looks just like
                     // a coordinator that is still starting, and must not retry in silence.
-                    let why = connect::with_hint(&self.urls.join(","), s.message().to_owned());
+                    let why =
+                        connect::with_hint(&self.urls.join(","), s.message().to_owned()).await;
                     tracing::warn!(status = %why, "coordinator unavailable; retrying");
                     self.client = None;
                     tokio::time::sleep(delay).await;
