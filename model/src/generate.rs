@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferrite_kernels::cpu::{attention_cached, matvec};
+use ferrite_kernels::cpu::{attention_cached, matvec, HugePageBuf};
 use ferrite_kernels::{Backend, CpuBackend};
 use rayon::prelude::*;
 
@@ -25,11 +25,12 @@ use crate::sample::{sample, Sampled, SamplingParams};
 use crate::{GptConfig, ModelError};
 
 /// Weights for decoding: the parameter buffer with each linear layer's (in, out) matrix
-/// rearranged in place into the panels of [`matvec::forward_packed`] (same ranges).
+/// rearranged in place into the panels of [`matvec::forward_packed`] (same ranges), on huge
+/// pages (every decode step streams all of it from memory).
 pub struct DecodeModel {
     pub cfg: GptConfig,
     layout: ParamLayout,
-    params: Vec<f32>,
+    params: HugePageBuf,
 }
 
 impl DecodeModel {
@@ -44,7 +45,7 @@ impl DecodeModel {
                 layout.len()
             )));
         }
-        let mut params = params;
+        let mut params = HugePageBuf::from_slice(&params);
         pack_linear_weights(&cfg, &layout, &mut params);
         Ok(DecodeModel { cfg, layout, params })
     }

@@ -10,6 +10,7 @@ mod kv_attention;
 mod layernorm;
 mod matmul;
 pub mod matvec;
+mod pages;
 mod softmax;
 
 use std::ops::Range;
@@ -20,6 +21,7 @@ use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
 pub use attention::MAX_SEQ_LEN;
 pub use kv_attention::attention_cached;
+pub use pages::HugePageBuf;
 
 /// Rows below this many elements are not worth sending to another thread.
 const MIN_PAR_ELEMS: usize = 1 << 14;
