@@ -49,9 +49,14 @@ struct Server {
 
 impl Server {
     fn start(checkpoint: &str) -> Server {
+        Server::start_with(checkpoint, &[])
+    }
+
+    fn start_with(checkpoint: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
             .args(["serve", "--insecure", "--checkpoint", checkpoint, "--listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0", "--threads", "2"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -173,4 +178,29 @@ fn served_generation_equals_local_generation_over_grpc_and_http() {
     assert!(metrics.contains("ferrite_inter_token_latency_seconds_bucket"));
     assert!(metrics.contains("ferrite_queue_depth 0"));
     assert!(!metrics.contains("ferrite_generated_tokens_total 0\n"));
+}
+
+#[test]
+fn f16_weights_serve_what_local_f16_generation_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ck = trained(dir);
+    let server = Server::start_with(&ck, &["--dtype", "f16"]);
+    let url = format!("http://{}", server.grpc);
+    let flags = ["--prompt", "line", "--max-tokens", "20", "--temperature", "0.9", "--json"];
+    let local = json(&ok(&ferrite(
+        &[&["generate", "--checkpoint", &ck, "--dtype", "f16"][..], &flags].concat(),
+        dir,
+    )));
+    let remote = json(&ok(&ferrite(&[&["generate", "--server", &url][..], &flags].concat(), dir)));
+    for key in ["tokens", "logprobs", "text"] {
+        assert_eq!(local[key], remote[key], "{key}");
+    }
+    // The weights' format is the server's choice, and only two exist.
+    let both = ferrite(&["generate", "--server", &url, "--prompt", "x", "--dtype", "f16"], dir);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("--dtype"));
+    let bad = ferrite(&["generate", "--checkpoint", &ck, "--prompt", "x", "--dtype", "f8"], dir);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`f8` is not a weight dtype"));
 }

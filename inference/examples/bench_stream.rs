@@ -1,36 +1,19 @@
 //! How close batch-1 decoding's linear layers come to the memory's bandwidth: a plain
 //! streaming read of as many bytes as a GPT-2-124M model's weights (the ceiling), against one
 //! decode step's linear layers (`matvec::forward_packed` for the 48 (in, out) weights,
-//! `matvec::forward_out_in` for the tied LM head), GB/s each, back to back.
+//! `matvec::forward_out_in` for the tied LM head), GB/s each, back to back; the layers once
+//! on ordinary `Vec`s, once on [`HugePageBuf`]s (2 MiB pages, what the server uses).
 //!
 //!     cargo run --release -p ferrite-inference --example bench_stream -- [threads] [rounds]
 
 use std::time::Instant;
 
-use ferrite_kernels::cpu::matvec;
+use ferrite_kernels::cpu::{matvec, HugePageBuf};
 use ferrite_kernels::{Backend, CpuBackend};
 
 const C: usize = 768;
 const LAYERS: usize = 12;
 const VOCAB: usize = 50304;
-
-extern "C" {
-    fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-}
-
-/// `src` copied into memory on 2 MiB pages where the kernel allows (leaked: an experiment).
-fn huge(src: &[f32]) -> &'static [f32] {
-    let bytes = (src.len() * 4).next_multiple_of(2 << 20);
-    let layout = std::alloc::Layout::from_size_align(bytes, 2 << 20).unwrap();
-    unsafe {
-        let p = std::alloc::alloc(layout);
-        let rc = madvise(p.cast(), bytes, 14);
-        assert_eq!(rc, 0, "madvise");
-        let s = std::slice::from_raw_parts_mut(p.cast::<f32>(), src.len());
-        s.copy_from_slice(src);
-        s
-    }
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
@@ -58,15 +41,18 @@ fn main() {
     let head_bytes = head.len() * 4;
     let total = linear_bytes + head_bytes;
     let flat: Vec<f32> = vec![1.0; total / 4];
-    let hlayers: Vec<Vec<&[f32]>> =
-        layers.iter().map(|l| l.iter().map(|w| huge(w)).collect()).collect();
-    let hhead = huge(&head);
+    let hlayers: Vec<Vec<HugePageBuf>> =
+        layers.iter().map(|l| l.iter().map(|w| HugePageBuf::from_slice(w)).collect()).collect();
+    let hhead = HugePageBuf::from_slice(&head);
     let x: Vec<f32> = (0..4 * C).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut out = vec![0.0f32; VOCAB];
 
     let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
     let huge_kb = rollup.lines().find(|l| l.starts_with("AnonHugePages")).unwrap_or("?");
-    println!("{huge_kb}");
+    println!(
+        "{} (memory on 2 MiB pages)",
+        huge_kb.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     println!(
         "{threads} threads, {:.0} MB of weights per decode step ({:.0} MB LM head)",
         total as f64 / 1e6,
@@ -106,7 +92,7 @@ fn main() {
         });
         let hlin = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        be.run(|| matvec::forward_out_in(&mut out, &x[..C], hhead, 1, C, VOCAB));
+        be.run(|| matvec::forward_out_in(&mut out, &x[..C], &hhead, 1, C, VOCAB));
         let hhd = t0.elapsed().as_secs_f64();
         std::hint::black_box(&out);
         let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;

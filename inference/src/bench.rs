@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrite_data::Tokenizer;
-use ferrite_model::generate::{DecodeModel, LongPrompt};
+use ferrite_model::generate::{DecodeModel, LongPrompt, WeightDtype};
 use ferrite_model::layout::ParamLayout;
 use ferrite_model::sample::SamplingParams;
 use ferrite_model::GptConfig;
@@ -43,6 +43,8 @@ pub struct DecodeBench {
     pub reps: usize,
     /// A checkpoint folder to serve instead of random GPT-2-124M weights.
     pub checkpoint: Option<PathBuf>,
+    /// The number format of the served matrices.
+    pub dtype: WeightDtype,
 }
 
 impl Default for DecodeBench {
@@ -55,6 +57,7 @@ impl Default for DecodeBench {
             ttft_prompts: vec![16, 64, 256, 512, 1024],
             reps: 3,
             checkpoint: None,
+            dtype: WeightDtype::F32,
         }
     }
 }
@@ -63,6 +66,7 @@ impl Default for DecodeBench {
 #[derive(Clone, Debug)]
 pub struct DecodeReport {
     pub model: String,
+    pub dtype: WeightDtype,
     pub threads: usize,
     pub streams: usize,
     pub new_tokens: usize,
@@ -89,6 +93,7 @@ impl DecodeReport {
             .collect();
         serde_json::json!({
             "peer": "ferrite", "bench": "decode", "model": self.model, "threads": self.threads,
+            "dtype": self.dtype.to_string(),
             "new_tokens": self.new_tokens,
             "batch1_tokens_per_s": median(&self.batch1_tokens_per_s),
             "batch1_runs": self.batch1_tokens_per_s,
@@ -107,8 +112,9 @@ impl DecodeReport {
             format!("{:.digits$} ({lo:.digits$}–{hi:.digits$})", median(xs))
         };
         let mut t = format!(
-            "{}, {} threads, {} new tokens\n\n| measurement | median (min–max of {} runs) |\n|---|---|\n",
+            "{}, {} weights, {} threads, {} new tokens\n\n| measurement | median (min–max of {} runs) |\n|---|---|\n",
             self.model,
+            self.dtype,
             self.threads,
             self.new_tokens,
             self.batch1_tokens_per_s.len()
@@ -128,7 +134,7 @@ impl DecodeReport {
 
 /// GPT-2-124M-shaped weights, uniform in ±0.02 from a fixed seed (the speed does not depend
 /// on the values).
-pub fn random_gpt2_small(seed: u64) -> Result<DecodeModel> {
+pub fn random_gpt2_small(seed: u64, dtype: WeightDtype) -> Result<DecodeModel> {
     let cfg = GptConfig::gpt2_small(50_257);
     let n = ParamLayout::new(&cfg).len();
     let mut state = seed | 1;
@@ -140,18 +146,18 @@ pub fn random_gpt2_small(seed: u64) -> Result<DecodeModel> {
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
         })
         .collect();
-    Ok(DecodeModel::new(cfg, params)?)
+    Ok(DecodeModel::new(cfg, params, dtype)?)
 }
 
 /// Runs every measurement of `b`.
 pub fn run(b: &DecodeBench) -> Result<DecodeReport> {
     let (model, name) = match &b.checkpoint {
         Some(dir) => {
-            let m = ServedModel::load(dir, ModelVersion::default())?;
+            let m = ServedModel::load(dir, ModelVersion::default(), b.dtype)?;
             (m, format!("checkpoint {}", dir.display()))
         }
         None => {
-            let model = random_gpt2_small(0x9e37_79b9_7f4a_7c15)?;
+            let model = random_gpt2_small(0x9e37_79b9_7f4a_7c15, b.dtype)?;
             let tokenizer = Tokenizer::gpt2();
             let m = ServedModel { version: ModelVersion::default(), model, tokenizer };
             (m, "GPT-2-124M shape (random weights)".to_string())
@@ -164,8 +170,12 @@ pub fn run(b: &DecodeBench) -> Result<DecodeReport> {
             format!("a prompt of {n} tokens for a context of {}", cfg.block_size),
         ));
     }
-    let ecfg =
-        EngineConfig { max_batch: b.streams.max(1), threads: b.threads, ..EngineConfig::default() };
+    let ecfg = EngineConfig {
+        max_batch: b.streams.max(1),
+        threads: b.threads,
+        dtype: b.dtype,
+        ..EngineConfig::default()
+    };
     let engine = Engine::start(ecfg, Some(Arc::new(model)), Arc::new(Metrics::default()))?;
     let h = engine.handle();
     let vocab = cfg.vocab_size as u32;
@@ -174,6 +184,7 @@ pub fn run(b: &DecodeBench) -> Result<DecodeReport> {
     token_times(warm)?;
     let mut report = DecodeReport {
         model: name,
+        dtype: b.dtype,
         threads: b.threads,
         streams: b.streams,
         new_tokens: b.new_tokens,

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use ferrite_data::Tokenizer;
 use ferrite_model::checkpoint::TOKENIZER_FILE;
-use ferrite_model::generate::{BatchDecoder, DecodeModel, KvCache, LongPrompt, Sequence};
+use ferrite_model::generate::{
+    BatchDecoder, DecodeModel, KvCache, LongPrompt, Sequence, WeightDtype,
+};
 use ferrite_model::sample::Sampled;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -46,6 +48,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Decode threads (0: one per core).
     pub threads: usize,
+    /// The number format the served checkpoints' matrices are kept in.
+    pub dtype: WeightDtype,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 2 << 30,
             prefill_chunk: 64,
             threads: 0,
+            dtype: WeightDtype::F32,
         }
     }
 }
@@ -68,9 +73,10 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// Loads the weights and the `tokenizer.json` of a checkpoint folder.
-    pub fn load(dir: &Path, version: ModelVersion) -> Result<Self> {
-        let model = DecodeModel::from_checkpoint(dir)?;
+    /// Loads the weights (matrices as `dtype`) and the `tokenizer.json` of a checkpoint
+    /// folder.
+    pub fn load(dir: &Path, version: ModelVersion, dtype: WeightDtype) -> Result<Self> {
+        let model = DecodeModel::from_checkpoint(dir, dtype)?;
         let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
         Ok(ServedModel { version, model, tokenizer })
     }
@@ -180,6 +186,11 @@ impl EngineHandle {
         tracing::info!(step = model.version.step, path = %model.version.path, "serving checkpoint");
         self.lock().model = Some(model);
         self.shared.wake.notify_all();
+    }
+
+    /// The number format checkpoints are loaded in for this engine.
+    pub fn dtype(&self) -> WeightDtype {
+        self.shared.cfg.dtype
     }
 
     /// The checkpoint new requests get, if any.

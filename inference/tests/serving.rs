@@ -13,7 +13,7 @@ use ferrite_inference::rpc::coordinator::CheckpointWatch;
 use ferrite_inference::{Engine, EngineConfig, EngineHandle, ModelVersion, ServedModel};
 use ferrite_kernels::CpuBackend;
 use ferrite_model::checkpoint::{self, TrainerState};
-use ferrite_model::generate::Generator;
+use ferrite_model::generate::{Generator, WeightDtype};
 use ferrite_model::sample::SamplingParams;
 use ferrite_model::{Gpt, GptConfig, JobSpec};
 use ferrite_proto::v1 as pb;
@@ -68,7 +68,7 @@ fn checkpoint(root: &Path, step: u64, seed: u64) -> PathBuf {
 
 fn load(dir: &Path, step: u64) -> Arc<ServedModel> {
     let v = ModelVersion { job_id: "job-1".into(), step, path: dir.display().to_string() };
-    Arc::new(ServedModel::load(dir, v).unwrap())
+    Arc::new(ServedModel::load(dir, v, WeightDtype::F32).unwrap())
 }
 
 fn engine(model: Option<Arc<ServedModel>>, cfg: EngineConfig) -> Engine {
@@ -76,7 +76,14 @@ fn engine(model: Option<Arc<ServedModel>>, cfg: EngineConfig) -> Engine {
 }
 
 fn small(max_batch: usize, max_queue: usize) -> EngineConfig {
-    EngineConfig { max_batch, max_queue, kv_cache_bytes: 64 << 20, prefill_chunk: 5, threads: 2 }
+    EngineConfig {
+        max_batch,
+        max_queue,
+        kv_cache_bytes: 64 << 20,
+        prefill_chunk: 5,
+        threads: 2,
+        dtype: WeightDtype::F32,
+    }
 }
 
 /// Serves `engine` over gRPC on a free port and returns a connected client.
@@ -145,7 +152,7 @@ async fn concurrent_seeded_requests_match_one_by_one_and_local_generation() {
 
     // The local generator (what `ferrite generate` runs) samples the same tokens.
     let tok = Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
-    let mut local = Generator::from_checkpoint(&dir, 1).unwrap();
+    let mut local = Generator::from_checkpoint(&dir, 1, WeightDtype::F32).unwrap();
     for (i, r) in requests().iter().enumerate() {
         let Some(pb::generate_request::Prompt::Text(text)) = &r.prompt else { unreachable!() };
         let p = SamplingParams {
@@ -157,6 +164,32 @@ async fn concurrent_seeded_requests_match_one_by_one_and_local_generation() {
         let out = local.generate(&tok.encode(text).unwrap(), r.max_tokens as usize, &p, |_| true);
         let ids: Vec<u32> = out.unwrap().iter().map(|s| s.token).collect();
         assert_eq!(ids, alone[i].tokens, "request {i}: served differs from local");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_f16_weights_matches_local_f16_generation_and_batching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = checkpoint(tmp.path(), 5, 1);
+    let v = ModelVersion { job_id: "job-1".into(), step: 5, path: dir.display().to_string() };
+    let model = Arc::new(ServedModel::load(&dir, v, WeightDtype::F16).unwrap());
+    assert_eq!(model.model.dtype(), WeightDtype::F16);
+    let e = engine(Some(model), EngineConfig { dtype: WeightDtype::F16, ..small(8, 16) });
+    let client = serve(e.handle()).await;
+    let together = futures_join(client.clone(), requests()).await;
+    let tok = Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
+    let mut local = Generator::from_checkpoint(&dir, 1, WeightDtype::F16).unwrap();
+    for (i, r) in requests().iter().enumerate() {
+        let Some(pb::generate_request::Prompt::Text(text)) = &r.prompt else { unreachable!() };
+        let p = SamplingParams {
+            temperature: r.temperature.unwrap(),
+            top_k: r.top_k as usize,
+            top_p: r.top_p.unwrap(),
+            seed: r.seed,
+        };
+        let out = local.generate(&tok.encode(text).unwrap(), r.max_tokens as usize, &p, |_| true);
+        let ids: Vec<u32> = out.unwrap().iter().map(|s| s.token).collect();
+        assert_eq!(ids, together[i].tokens, "request {i}: served f16 differs from local f16");
     }
 }
 

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferrite_kernels::cpu::{attention_cached, matvec, HugePageBuf};
+use ferrite_kernels::cpu::{attention_cached, f16, matvec, HugePageBuf, Weight};
 use ferrite_kernels::{Backend, CpuBackend};
 use rayon::prelude::*;
 
@@ -24,18 +24,85 @@ use crate::layout::{ParamLayout, Tensor};
 use crate::sample::{sample, Sampled, SamplingParams};
 use crate::{GptConfig, ModelError};
 
-/// Weights for decoding: the parameter buffer with each linear layer's (in, out) matrix
-/// rearranged in place into the panels of [`matvec::forward_packed`] (same ranges), on huge
-/// pages (every decode step streams all of it from memory).
+/// The number format the decode weights' matrices are kept in. Decoding streams every
+/// matrix from memory once per step, so f16 (half the bytes) decodes up to twice as fast
+/// where memory is the limit; each weight is rounded once to the nearest f16, and all
+/// arithmetic stays f32. Biases, LayerNorm and the position table stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// The checkpoint's own values.
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "f16" | "float16" | "half" => Ok(WeightDtype::F16),
+            _ => Err(format!("`{s}` is not a weight dtype (f32 or f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+        })
+    }
+}
+
+/// Weights for decoding, shared (read-only) by every sequence: the matrices (the four linear
+/// layers of each block, the (in, out) ones rearranged into the panels of
+/// [`matvec::forward_packed`], and the tied embedding / LM head) in one buffer of the chosen
+/// [`WeightDtype`] on huge pages (every decode step streams all of it), every other tensor in
+/// an f32 buffer.
 pub struct DecodeModel {
     pub cfg: GptConfig,
-    layout: ParamLayout,
-    params: HugePageBuf,
+    places: [Place; Tensor::ALL.len()],
+    small: Vec<f32>,
+    mats: Mats,
+}
+
+enum Mats {
+    F32(HugePageBuf<f32>),
+    F16(HugePageBuf<f16>),
+}
+
+/// Where a tensor lives: in the matrices' buffer or the small one, from `start`, `per`
+/// elements per layer (the whole tensor for those that are not per layer).
+#[derive(Clone, Copy, Debug, Default)]
+struct Place {
+    mat: bool,
+    start: usize,
+    per: usize,
+}
+
+impl Place {
+    fn at(self, layer: usize) -> std::ops::Range<usize> {
+        self.start + layer * self.per..self.start + (layer + 1) * self.per
+    }
+}
+
+/// The matrices, with their (in, out) shape when they are packed for `forward_packed`.
+fn matrix_shape(t: Tensor, c: usize) -> Option<Option<(usize, usize)>> {
+    match t {
+        Tensor::Wte => Some(None),
+        Tensor::QkvW => Some(Some((c, 3 * c))),
+        Tensor::AttProjW => Some(Some((c, c))),
+        Tensor::FcW => Some(Some((c, 4 * c))),
+        Tensor::FcProjW => Some(Some((4 * c, c))),
+        _ => None,
+    }
 }
 
 impl DecodeModel {
-    /// A model over `params` in this crate's layout.
-    pub fn new(cfg: GptConfig, params: Vec<f32>) -> Result<Self, ModelError> {
+    /// A model over `params` in this crate's layout, its matrices kept as `dtype`.
+    pub fn new(cfg: GptConfig, params: Vec<f32>, dtype: WeightDtype) -> Result<Self, ModelError> {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
         if params.len() != layout.len() {
@@ -45,40 +112,137 @@ impl DecodeModel {
                 layout.len()
             )));
         }
-        let mut params = HugePageBuf::from_slice(&params);
-        pack_linear_weights(&cfg, &layout, &mut params);
-        Ok(DecodeModel { cfg, layout, params })
+        let mut places = [Place::default(); Tensor::ALL.len()];
+        let (mut small_len, mut mats_len) = (0, 0);
+        for (k, &t) in Tensor::ALL.iter().enumerate() {
+            let all = layout.all(t).len();
+            let per = if t.per_layer() { all / cfg.n_layer } else { all };
+            let mat = matrix_shape(t, cfg.n_embd).is_some();
+            let next = if mat { &mut mats_len } else { &mut small_len };
+            places[k] = Place { mat, start: *next, per };
+            *next += all;
+        }
+        let mut small = Vec::with_capacity(small_len);
+        for &t in Tensor::ALL.iter().filter(|&&t| matrix_shape(t, cfg.n_embd).is_none()) {
+            small.extend_from_slice(&params[layout.all(t)]);
+        }
+        let pack = Packer { cfg: &cfg, layout: &layout, places: &places, params: &params };
+        let mats = match dtype {
+            WeightDtype::F32 => Mats::F32(pack.matrices(mats_len)),
+            WeightDtype::F16 => Mats::F16(pack.matrices(mats_len)),
+        };
+        Ok(DecodeModel { cfg, places, small, mats })
     }
 
     /// Loads the weights of a checkpoint folder (ours or `transformers`').
-    pub fn from_checkpoint(dir: &Path) -> Result<Self, ModelError> {
+    pub fn from_checkpoint(dir: &Path, dtype: WeightDtype) -> Result<Self, ModelError> {
         let w = checkpoint::load_weights(dir)?;
-        Self::new(w.config, w.params)
+        Self::new(w.config, w.params, dtype)
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        match self.mats {
+            Mats::F32(_) => WeightDtype::F32,
+            Mats::F16(_) => WeightDtype::F16,
+        }
+    }
+
+    /// Bytes of the weights (what a batch-1 decode step reads from memory).
+    pub fn weight_bytes(&self) -> usize {
+        let mats = match &self.mats {
+            Mats::F32(m) => m.len() * 4,
+            Mats::F16(m) => m.len() * 2,
+        };
+        mats + self.small.len() * 4
     }
 
     /// Bytes of a KV cache of `cap` positions.
     pub fn kv_bytes(&self, cap: usize) -> usize {
         2 * self.cfg.n_layer * cap * self.cfg.n_embd * std::mem::size_of::<f32>()
     }
+
+    fn place(&self, t: Tensor) -> Place {
+        self.places[t as usize]
+    }
+
+    /// A tensor that is not a matrix (always f32), of layer `l`.
+    fn small(&self, t: Tensor, l: usize) -> &[f32] {
+        let p = self.place(t);
+        debug_assert!(!p.mat, "{t:?} is a matrix");
+        &self.small[p.at(l)]
+    }
+
+    /// out (rows, oc) = inp (rows, c) @ W + b for the linear layer `t` of layer `l`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        t: Tensor,
+        bias: Tensor,
+        l: usize,
+        out: &mut [f32],
+        inp: &[f32],
+        rows: usize,
+        (c, oc): (usize, usize),
+    ) {
+        let (r, b) = (self.place(t).at(l), Some(self.small(bias, l)));
+        match &self.mats {
+            Mats::F32(m) => matvec::forward_packed(out, inp, &m[r], b, rows, c, oc),
+            Mats::F16(m) => matvec::forward_packed(out, inp, &m[r], b, rows, c, oc),
+        }
+    }
+
+    /// Logits (rows, padded vocabulary) of `inp` (rows, C) against the tied embedding.
+    fn lm_head(&self, out: &mut [f32], inp: &[f32], rows: usize) {
+        let (c, vp, r) = (self.cfg.n_embd, self.cfg.padded_vocab(), self.place(Tensor::Wte).at(0));
+        match &self.mats {
+            Mats::F32(m) => matvec::forward_out_in(out, inp, &m[r], rows, c, vp),
+            Mats::F16(m) => matvec::forward_out_in(out, inp, &m[r], rows, c, vp),
+        }
+    }
+
+    /// `out` (C) = embedding of `token` + position embedding of `pos`.
+    fn embed(&self, token: u32, pos: usize, out: &mut [f32]) {
+        let c = self.cfg.n_embd;
+        let at = self.place(Tensor::Wte).at(0).start + token as usize * c;
+        let pe = &self.small(Tensor::Wpe, 0)[pos * c..][..c];
+        match &self.mats {
+            Mats::F32(m) => add_rows(out, &m[at..at + c], pe),
+            Mats::F16(m) => add_rows(out, &m[at..at + c], pe),
+        }
+    }
 }
 
-/// The linear layers' (in, out) weights, rearranged in place for [`matvec::forward_packed`]
-/// (each layer's matrix keeps its range of the buffer).
-fn pack_linear_weights(cfg: &GptConfig, layout: &ParamLayout, params: &mut [f32]) {
-    let c = cfg.n_embd;
-    let mut tmp = Vec::new();
-    for (tensor, (inp, out)) in [
-        (Tensor::QkvW, (c, 3 * c)),
-        (Tensor::AttProjW, (c, c)),
-        (Tensor::FcW, (c, 4 * c)),
-        (Tensor::FcProjW, (4 * c, c)),
-    ] {
-        for l in 0..cfg.n_layer {
-            let w = &mut params[layout.at(tensor, l)];
-            tmp.clear();
-            tmp.extend_from_slice(w);
-            matvec::pack_in_out(w, &tmp, inp, out);
+fn add_rows<W: Weight>(out: &mut [f32], e: &[W], pe: &[f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(e).zip(pe) {
+        *o = a.to_f32() + b;
+    }
+}
+
+/// Copies the matrices of a parameter buffer into their own buffer, packing the (in, out)
+/// ones for [`matvec::forward_packed`].
+struct Packer<'a> {
+    cfg: &'a GptConfig,
+    layout: &'a ParamLayout,
+    places: &'a [Place],
+    params: &'a [f32],
+}
+
+impl Packer<'_> {
+    fn matrices<W: Weight>(&self, len: usize) -> HugePageBuf<W> {
+        let mut buf = HugePageBuf::<W>::zeroed(len);
+        for (k, &t) in Tensor::ALL.iter().enumerate() {
+            let Some(shape) = matrix_shape(t, self.cfg.n_embd) else { continue };
+            let layers = if t.per_layer() { self.cfg.n_layer } else { 1 };
+            for l in 0..layers {
+                let (dst, src) =
+                    (&mut buf[self.places[k].at(l)], &self.params[self.layout.at(t, l)]);
+                match shape {
+                    Some((inp, out)) => matvec::pack_in_out(dst, src, inp, out),
+                    None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = W::from_f32(v)),
+                }
+            }
         }
+        buf
     }
 }
 
@@ -236,17 +400,12 @@ fn forward(
 ) -> usize {
     let cfg = &model.cfg;
     let (c, nh, vp) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab());
-    let (lay, p) = (&model.layout, &model.params[..]);
-    let w = |tensor: Tensor, l: usize| &p[lay.at(tensor, l)];
+    let w = |tensor: Tensor, l: usize| model.small(tensor, l);
     let n = rows * c;
     let mut r = 0;
     for sq in seqs.iter() {
         for (i, &tok) in sq.tokens.iter().enumerate() {
-            let e = &w(Tensor::Wte, 0)[tok as usize * c..][..c];
-            let pe = &w(Tensor::Wpe, 0)[(sq.kv.len + i) * c..][..c];
-            for j in 0..c {
-                s.x[r * c + j] = e[j] + pe[j];
-            }
+            model.embed(tok, sq.kv.len + i, &mut s.x[r * c..(r + 1) * c]);
             r += 1;
         }
     }
@@ -263,15 +422,7 @@ fn forward(
             c,
         );
         let qkv = &mut s.qkv[..3 * n];
-        matvec::forward_packed(
-            qkv,
-            &s.ln[..n],
-            w(Tensor::QkvW, l),
-            Some(w(Tensor::QkvB, l)),
-            rows,
-            c,
-            3 * c,
-        );
+        model.linear(Tensor::QkvW, Tensor::QkvB, l, qkv, &s.ln[..n], rows, (c, 3 * c));
         let mut r0 = 0;
         for sq in seqs.iter_mut() {
             let (kv, t) = (&mut *sq.kv, sq.tokens.len());
@@ -298,15 +449,7 @@ fn forward(
             r0 += t;
         }
         let proj = &mut s.proj[..n];
-        matvec::forward_packed(
-            proj,
-            &s.att[..n],
-            w(Tensor::AttProjW, l),
-            Some(w(Tensor::AttProjB, l)),
-            rows,
-            c,
-            c,
-        );
+        model.linear(Tensor::AttProjW, Tensor::AttProjB, l, proj, &s.att[..n], rows, (c, c));
         add_into(&mut s.x[..n], &s.proj[..n]);
         let (ln, mean, rstd) = (&mut s.ln[..n], &mut s.mean[..rows], &mut s.rstd[..rows]);
         be.layernorm_forward(
@@ -320,26 +463,11 @@ fn forward(
             c,
         );
         let fch = &mut s.fch[..4 * n];
-        matvec::forward_packed(
-            fch,
-            &s.ln[..n],
-            w(Tensor::FcW, l),
-            Some(w(Tensor::FcB, l)),
-            rows,
-            c,
-            4 * c,
-        );
+        model.linear(Tensor::FcW, Tensor::FcB, l, fch, &s.ln[..n], rows, (c, 4 * c));
         be.gelu_forward(&mut s.fchg[..4 * n], &s.fch[..4 * n], 4 * n);
         let proj = &mut s.proj[..n];
-        matvec::forward_packed(
-            proj,
-            &s.fchg[..4 * n],
-            w(Tensor::FcProjW, l),
-            Some(w(Tensor::FcProjB, l)),
-            rows,
-            4 * c,
-            c,
-        );
+        let fchg = &s.fchg[..4 * n];
+        model.linear(Tensor::FcProjW, Tensor::FcProjB, l, proj, fchg, rows, (4 * c, c));
         add_into(&mut s.x[..n], &s.proj[..n]);
     }
     // Only the last row of each sequence that wants logits goes through the LM head.
@@ -367,14 +495,7 @@ fn forward(
             want,
             c,
         );
-        matvec::forward_out_in(
-            &mut s.logits[..want * vp],
-            &s.ln[..m],
-            w(Tensor::Wte, 0),
-            want,
-            c,
-            vp,
-        );
+        model.lm_head(&mut s.logits[..want * vp], &s.ln[..m], want);
     }
     want
 }
@@ -523,9 +644,14 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// A generator over `params` in this crate's layout.
-    pub fn new(cfg: GptConfig, params: Vec<f32>, threads: usize) -> Result<Self, ModelError> {
-        let model = DecodeModel::new(cfg.clone(), params)?;
+    /// A generator over `params` in this crate's layout, its matrices kept as `dtype`.
+    pub fn new(
+        cfg: GptConfig,
+        params: Vec<f32>,
+        threads: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self, ModelError> {
+        let model = DecodeModel::new(cfg.clone(), params, dtype)?;
         let kv = KvCache::new(&cfg, cfg.block_size);
         Ok(Generator {
             cfg,
@@ -538,9 +664,13 @@ impl Generator {
     }
 
     /// Loads the weights of a checkpoint folder (ours or `transformers`').
-    pub fn from_checkpoint(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+    pub fn from_checkpoint(
+        dir: &Path,
+        threads: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self, ModelError> {
         let w = checkpoint::load_weights(dir)?;
-        Self::new(w.config, w.params, threads)
+        Self::new(w.config, w.params, threads, dtype)
     }
 
     /// Forgets the context.

@@ -1,7 +1,7 @@
 //! KV-cached decoding agrees with the training forward pass, and sampling is reproducible.
 
 use ferrite_kernels::CpuBackend;
-use ferrite_model::generate::Generator;
+use ferrite_model::generate::{Generator, WeightDtype};
 use ferrite_model::sample::SamplingParams;
 use ferrite_model::{Gpt, GptConfig};
 
@@ -24,7 +24,7 @@ fn cached_decoding_matches_the_full_forward_at_every_position() {
     gpt.forward(&be, &ids, None, 1, tokens.len()).unwrap();
     let mut want = vec![0.0; cfg.vocab_size];
 
-    let mut g = Generator::new(cfg.clone(), params, 2).unwrap();
+    let mut g = Generator::new(cfg.clone(), params, 2, WeightDtype::F32).unwrap();
     // A prefill of 4, then one token at a time.
     let logits = g.feed(&tokens[..4]).unwrap().to_vec();
     gpt.logits(&be, 3, &mut want).unwrap();
@@ -45,7 +45,7 @@ fn assert_close(got: &[f32], want: &[f32], pos: usize) {
 #[test]
 fn same_seed_same_tokens_and_greedy_is_deterministic() {
     let (cfg, params, _, _) = model();
-    let mut g = Generator::new(cfg, params, 1).unwrap();
+    let mut g = Generator::new(cfg, params, 1, WeightDtype::F32).unwrap();
     let p = SamplingParams { temperature: 0.9, top_k: 10, top_p: 0.95, seed: 7 };
     let a: Vec<u32> =
         g.generate(&[1, 2, 3], 30, &p, |_| true).unwrap().iter().map(|s| s.token).collect();
@@ -62,7 +62,7 @@ fn same_seed_same_tokens_and_greedy_is_deterministic() {
 #[test]
 fn stop_callback_ends_generation() {
     let (cfg, params, _, _) = model();
-    let mut g = Generator::new(cfg, params, 1).unwrap();
+    let mut g = Generator::new(cfg, params, 1, WeightDtype::F32).unwrap();
     let p = SamplingParams { temperature: 0.0, ..Default::default() };
     let mut seen = 0;
     let out = g
@@ -72,4 +72,26 @@ fn stop_callback_ends_generation() {
         })
         .unwrap();
     assert_eq!(out.len(), 3);
+}
+
+#[test]
+fn f16_weights_decode_close_to_f32_and_chunking_keeps_their_bits() {
+    let (cfg, params, _, _) = model();
+    let tokens: Vec<u32> = vec![3, 17, 5, 5, 22, 0, 9, 11];
+    let mut full = Generator::new(cfg.clone(), params.clone(), 2, WeightDtype::F32).unwrap();
+    let want = full.feed(&tokens).unwrap().to_vec();
+    let mut half = Generator::new(cfg.clone(), params.clone(), 2, WeightDtype::F16).unwrap();
+    let got = half.feed(&tokens).unwrap().to_vec();
+    assert_ne!(got, want, "f16 weights are rounded");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 2e-2 * scale, "logit {j}: {a} (f16) vs {b} (f32)");
+    }
+    // One token at a time gives the same bits as the prompt in one piece.
+    let mut steps = Generator::new(cfg, params, 1, WeightDtype::F16).unwrap();
+    let mut last = Vec::new();
+    for &t in &tokens {
+        last = steps.feed(&[t]).unwrap().to_vec();
+    }
+    assert_eq!(last, got);
 }

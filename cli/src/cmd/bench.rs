@@ -40,6 +40,11 @@ pub struct DecodeArgs {
     /// Serve this checkpoint folder instead of random GPT-2-124M weights.
     #[arg(long)]
     checkpoint: Option<std::path::PathBuf>,
+    /// Number format of the weight matrices in memory: f32 (the checkpoint's values) or f16
+    /// (rounded once; half the memory, and decoding, which reads every weight per token, up
+    /// to twice as fast). Arithmetic is f32 either way.
+    #[arg(long, default_value = "f32")]
+    dtype: ferrite_model::generate::WeightDtype,
 }
 
 #[derive(Args)]
@@ -339,6 +344,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         ttft_prompts: a.ttft_prompts,
         reps: a.reps,
         checkpoint: a.checkpoint,
+        dtype: a.dtype,
     };
     let report = ferrite_inference::bench::run(&b)?;
     println!("{}", report.table());

@@ -12,6 +12,7 @@ use clap::Args;
 use ferrite_inference::metrics::Metrics;
 use ferrite_inference::rpc::coordinator::CheckpointWatch;
 use ferrite_inference::{Engine, EngineConfig, ModelVersion, ServedModel};
+use ferrite_model::generate::WeightDtype;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -59,6 +60,11 @@ pub struct ServeArgs {
     /// Decode threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Number format of the weight matrices in memory: f32 (the checkpoint's values) or f16
+    /// (rounded once; half the memory, and decoding, which reads every weight per token, up
+    /// to twice as fast). Arithmetic is f32 either way.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
     /// TLS and tokens of this server (gRPC and HTTP).
     #[command(flatten)]
     security: ServerSecurityArgs,
@@ -87,6 +93,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         kv_cache_bytes: a.kv_cache_mb << 20,
         prefill_chunk: a.prefill_chunk,
         threads: a.threads,
+        dtype: a.dtype,
     };
     let mut watch_job = None;
     let first = match (&a.checkpoint, &a.coordinator, &a.job) {
@@ -94,7 +101,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             let v =
                 ModelVersion { job_id: String::new(), step: 0, path: dir.display().to_string() };
             let d = dir.clone();
-            let m = tokio::task::spawn_blocking(move || ServedModel::load(&d, v))
+            let dtype = a.dtype;
+            let m = tokio::task::spawn_blocking(move || ServedModel::load(&d, v, dtype))
                 .await?
                 .with_context(|| format!("loading {}", dir.display()))?;
             Some(Arc::new(m))

@@ -87,8 +87,8 @@ impl CheckpointWatch {
         if current.is_some_and(|s| s >= v.step) {
             return Ok(false);
         }
-        let dir = PathBuf::from(&v.path);
-        let model = tokio::task::spawn_blocking(move || ServedModel::load(&dir, v))
+        let (dir, dtype) = (PathBuf::from(&v.path), engine.dtype());
+        let model = tokio::task::spawn_blocking(move || ServedModel::load(&dir, v, dtype))
             .await
             .map_err(|e| InferenceError::Coordinator(format!("loading task: {e}")))??;
         engine.set_model(Arc::new(model));

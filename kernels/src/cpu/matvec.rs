@@ -30,6 +30,72 @@ const LANES: usize = 16;
 /// Weight rows per task of the (out, in) kernel: 768 KiB of a 768-wide matrix.
 const OUT_IN_BLOCK: usize = 256;
 
+/// A weight element of these kernels: `f32`, or `f16` for half the bytes to stream per
+/// decode step. An f16 weight is widened to f32 exactly, and the sums are the same f32
+/// fused multiply-add chains, so the bit-for-bit guarantees above hold for either (for the
+/// f16-rounded weights).
+pub trait Weight: Copy + Default + Send + Sync + sealed::Sealed + 'static {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The slice itself when the weights are f32.
+    fn as_f32(w: &[Self]) -> Option<&[f32]>;
+    /// Sixteen consecutive weights as f32 lanes.
+    ///
+    /// # Safety
+    /// Sixteen elements are readable at `p`, and the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn as_f32(w: &[Self]) -> Option<&[f32]> {
+        Some(w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Weight for half::f16 {
+    /// Rounded to the nearest f16 (ties to even).
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 halves are 32 bytes).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
 /// Where panel `p` of a packed (c, oc) weight starts, and its width.
 #[inline]
 fn panel_at(p: usize, c: usize, oc: usize) -> (usize, usize) {
@@ -40,13 +106,16 @@ fn panel_at(p: usize, c: usize, oc: usize) -> (usize, usize) {
 /// Rearranges `w` (c, oc), row-major, into `packed` (the same size): panel `p` holds columns
 /// `p*PANEL..` (the last may be narrower, width `wp`), starting at `p*PANEL*c`, with element
 /// (i, j) at `i*wp + (j - p*PANEL)` from there.
-pub fn pack_in_out(packed: &mut [f32], w: &[f32], c: usize, oc: usize) {
+pub fn pack_in_out<W: Weight>(packed: &mut [W], w: &[f32], c: usize, oc: usize) {
     assert!(packed.len() == c * oc && w.len() == c * oc, "pack_in_out: sizes");
     for p in 0..oc.div_ceil(PANEL) {
         let (at, wp) = panel_at(p, c, oc);
         let j0 = p * PANEL;
         for i in 0..c {
-            packed[at + i * wp..][..wp].copy_from_slice(&w[i * oc + j0..][..wp]);
+            let dst = &mut packed[at + i * wp..][..wp];
+            for (d, &v) in dst.iter_mut().zip(&w[i * oc + j0..][..wp]) {
+                *d = W::from_f32(v);
+            }
         }
     }
 }
@@ -56,10 +125,10 @@ pub fn pack_in_out(packed: &mut [f32], w: &[f32], c: usize, oc: usize) {
 /// Element (r, j) is `bias[j] + sum_i inp[r,i] * w[i,j]`, accumulated with fused
 /// multiply-adds in increasing `i` (0 in place of a missing bias).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_packed(
+pub fn forward_packed<W: Weight>(
     out: &mut [f32],
     inp: &[f32],
-    packed: &[f32],
+    packed: &[W],
     bias: Option<&[f32]>,
     rows: usize,
     c: usize,
@@ -97,10 +166,10 @@ impl DstTile {
 }
 
 /// Every row against one panel (`w` is the panel, (c, wp)).
-fn panel(
+fn panel<W: Weight>(
     dst: DstTile,
     inp: &[f32],
-    w: &[f32],
+    w: &[W],
     bias: Option<&[f32]>,
     rows: usize,
     c: usize,
@@ -117,23 +186,33 @@ fn panel(
             // rt rows of c, c rows of PANEL and PANEL values (checked by the slicing above).
             unsafe {
                 match rt {
-                    6 => avx512::panel_tile::<6>(d, x, w, bias, c),
-                    5 => avx512::panel_tile::<5>(d, x, w, bias, c),
-                    4 => avx512::panel_tile::<4>(d, x, w, bias, c),
-                    3 => avx512::panel_tile::<3>(d, x, w, bias, c),
-                    2 => avx512::panel_tile::<2>(d, x, w, bias, c),
-                    _ => avx512::panel_tile::<1>(d, x, w, bias, c),
+                    6 => avx512::panel_tile::<W, 6>(d, x, w, bias, c),
+                    5 => avx512::panel_tile::<W, 5>(d, x, w, bias, c),
+                    4 => avx512::panel_tile::<W, 4>(d, x, w, bias, c),
+                    3 => avx512::panel_tile::<W, 3>(d, x, w, bias, c),
+                    2 => avx512::panel_tile::<W, 2>(d, x, w, bias, c),
+                    _ => avx512::panel_tile::<W, 1>(d, x, w, bias, c),
                 }
             }
             r0 += rt;
         }
         return;
     }
+    let w = &widened(w)[..];
     let mut r0 = 0;
     while r0 < rows {
         let rt = 4.min(rows - r0);
         panel_portable(DstTile { r0, ..dst }, inp, w, bias, c, wp, rt);
         r0 += rt;
+    }
+}
+
+/// `w` as f32 for the portable kernels: borrowed when it is f32, else converted (exactly)
+/// into a copy. Only CPUs without AVX-512 take this detour with f16 weights.
+fn widened<W: Weight>(w: &[W]) -> std::borrow::Cow<'_, [f32]> {
+    match W::as_f32(w) {
+        Some(f) => std::borrow::Cow::Borrowed(f),
+        None => std::borrow::Cow::Owned(w.iter().map(|v| v.to_f32()).collect()),
     }
 }
 
@@ -177,7 +256,14 @@ math::multiversion! {
 /// tied LM head). Element (r, j) is a 16-lane fused dot product of input row r and weight
 /// row j: lane l sums the terms i ≡ l (mod 16) in increasing i, the lanes are added in
 /// order, then the terms past the last multiple of 16 (summed in order) are added.
-pub fn forward_out_in(out: &mut [f32], inp: &[f32], w: &[f32], rows: usize, c: usize, oc: usize) {
+pub fn forward_out_in<W: Weight>(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[W],
+    rows: usize,
+    c: usize,
+    oc: usize,
+) {
     assert!(out.len() >= rows * oc && inp.len() >= rows * c && w.len() >= c * oc);
     let op = SendPtr(out.as_mut_ptr());
     (0..oc.div_ceil(OUT_IN_BLOCK)).into_par_iter().for_each(|blk| {
@@ -190,10 +276,10 @@ pub fn forward_out_in(out: &mut [f32], inp: &[f32], w: &[f32], rows: usize, c: u
 /// Weight rows j0..j1 against every input row, four weight rows at a time, so that each
 /// group of four is read from memory once and from cache for the other input rows.
 #[allow(clippy::too_many_arguments)]
-fn dots_block(
+fn dots_block<W: Weight>(
     op: SendPtr,
     inp: &[f32],
-    w: &[f32],
+    w: &[W],
     rows: usize,
     c: usize,
     oc: usize,
@@ -203,7 +289,7 @@ fn dots_block(
     let mut j = j0;
     while j < j1 {
         let n = 4.min(j1 - j);
-        let wr: [&[f32]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
+        let wr: [&[W]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
         let dst = DstTile { ptr: op, ld: oc, r0: 0, j0: j };
         let mut r0 = 0;
         #[cfg(target_arch = "x86_64")]
@@ -216,17 +302,23 @@ fn dots_block(
                 // this task alone writes columns j0..j1.
                 unsafe {
                     match rt {
-                        4 => avx512::dots::<4>(d, x, wr, c, n),
-                        3 => avx512::dots::<3>(d, x, wr, c, n),
-                        2 => avx512::dots::<2>(d, x, wr, c, n),
-                        _ => avx512::dots::<1>(d, x, wr, c, n),
+                        4 => avx512::dots::<W, 4>(d, x, wr, c, n),
+                        3 => avx512::dots::<W, 3>(d, x, wr, c, n),
+                        2 => avx512::dots::<W, 2>(d, x, wr, c, n),
+                        _ => avx512::dots::<W, 1>(d, x, wr, c, n),
                     }
                 }
                 r0 += rt;
             }
         }
+        if r0 == rows {
+            j += n;
+            continue;
+        }
+        let wide: [std::borrow::Cow<'_, [f32]>; 4] = std::array::from_fn(|q| widened(wr[q]));
+        let wide: [&[f32]; 4] = std::array::from_fn(|q| &wide[q][..]);
         for r in r0..rows {
-            let d = dot4(&inp[r * c..][..c], wr);
+            let d = dot4(&inp[r * c..][..c], wide);
             for (q, &v) in d[..n].iter().enumerate() {
                 // SAFETY: this task alone writes columns j0..j1.
                 unsafe { *dst.at(r, q) = v };
@@ -266,10 +358,10 @@ fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
 
 /// The lanes of a dot product added in order, then its tail terms `full..` (in order).
 #[inline(always)]
-fn finish_dot(lanes: &[f32; LANES], x: &[f32], w: &[f32], full: usize) -> f32 {
+fn finish_dot<W: Weight>(lanes: &[f32; LANES], x: &[f32], w: &[W], full: usize) -> f32 {
     let mut tail = 0.0f32;
     for k in full..x.len() {
-        tail = x[k].mul_add(w[k], tail);
+        tail = x[k].mul_add(w[k].to_f32(), tail);
     }
     lanes.iter().fold(0.0f32, |s, &a| s + a) + tail
 }
@@ -278,7 +370,7 @@ fn finish_dot(lanes: &[f32; LANES], x: &[f32], w: &[f32], full: usize) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{finish_dot, DstTile, LANES, PANEL};
+    use super::{finish_dot, DstTile, Weight, LANES, PANEL};
 
     /// Whether the CPU runs the kernels of this module (cached by std after the first call).
     #[inline]
@@ -292,10 +384,10 @@ mod avx512 {
     /// The CPU has AVX-512F; `dst` covers R rows of PANEL columns written by this call
     /// alone; `x`, `w` and `bias` have R*c, c*PANEL and PANEL elements.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panel_tile<const R: usize>(
+    pub(super) unsafe fn panel_tile<W: Weight, const R: usize>(
         dst: DstTile,
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         bias: Option<&[f32]>,
         c: usize,
     ) {
@@ -312,10 +404,10 @@ mod avx512 {
             // SAFETY: i < c, so the row i*PANEL.. of the panel and element (r, i) of x exist.
             unsafe {
                 let row = wp.add(i * PANEL);
-                let w0 = _mm512_loadu_ps(row);
-                let w1 = _mm512_loadu_ps(row.add(16));
-                let w2 = _mm512_loadu_ps(row.add(32));
-                let w3 = _mm512_loadu_ps(row.add(48));
+                let w0 = W::load16(row);
+                let w1 = W::load16(row.add(16));
+                let w2 = W::load16(row.add(32));
+                let w3 = W::load16(row.add(48));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xp.add(r * c + i));
                     a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
@@ -340,22 +432,22 @@ mod avx512 {
     /// The CPU has AVX-512F; `dst` covers R rows of n columns written by this call alone;
     /// `x` has R*c elements and each `w[q]` c.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dots<const R: usize>(
+    pub(super) unsafe fn dots<W: Weight, const R: usize>(
         dst: DstTile,
         x: &[f32],
-        w: [&[f32]; 4],
+        w: [&[W]; 4],
         c: usize,
         n: usize,
     ) {
         let full = c - c % LANES;
         let xp = x.as_ptr();
-        let wp: [*const f32; 4] = w.map(|s| s.as_ptr());
+        let wp: [*const W; 4] = w.map(|s| s.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut i = 0;
         while i < full {
             // SAFETY: i + 16 <= full <= c.
             unsafe {
-                let wv: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(wp[q].add(i)));
+                let wv: [__m512; 4] = std::array::from_fn(|q| W::load16(wp[q].add(i)));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(xp.add(r * c + i));
                     for q in 0..4 {
@@ -426,6 +518,29 @@ mod tests {
             let zero = vec![0.0; oc];
             assert_eq!(out, reference(&inp, &w, &zero, rows, c, oc));
         }
+    }
+
+    #[test]
+    fn f16_weights_give_the_defined_sum_of_their_rounded_values() {
+        use half::f16;
+        // oc = 200: three full panels (AVX-512 where present) and a narrow one (portable).
+        let (rows, c, oc) = (7, 48, 200);
+        let (inp, w, b) = (data(rows * c, 6), data(c * oc, 7), data(oc, 8));
+        let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let mut packed = vec![f16::ZERO; c * oc];
+        pack_in_out(&mut packed, &w, c, oc);
+        let want = reference(&inp, &rounded, &b, rows, c, oc);
+        for n in [rows, 1, 6] {
+            let mut out = vec![0.0; n * oc];
+            pool().install(|| forward_packed(&mut out, &inp[..n * c], &packed, Some(&b), n, c, oc));
+            assert_eq!(out, want[..n * oc], "{n} rows");
+        }
+        // The LM head's layout: the same dot products as on the rounded f32 weights.
+        let halves: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let (mut a, mut r) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
+        pool().install(|| forward_out_in(&mut a, &inp, &halves, rows, c, oc));
+        pool().install(|| forward_out_in(&mut r, &inp, &rounded, rows, c, oc));
+        assert_eq!(a, r);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use rayon::prelude::*;
 use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
 pub use attention::MAX_SEQ_LEN;
+pub use half::f16;
 pub use kv_attention::attention_cached;
+pub use matvec::Weight;
 pub use pages::HugePageBuf;
 
 /// Rows below this many elements are not worth sending to another thread.

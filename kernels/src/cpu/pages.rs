@@ -14,43 +14,54 @@ use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
+use super::matvec::Weight;
+
 /// The alignment (and size granule) of a [`HugePageBuf`]: one x86-64 huge page.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// A fixed-length `f32` buffer on 2 MiB-aligned memory, advised to the kernel as huge-page
-/// backed (`MADV_HUGEPAGE`) before it is first written.
-pub struct HugePageBuf {
-    ptr: NonNull<f32>,
+/// A fixed-length buffer of weights (`f32` or `f16`) on 2 MiB-aligned memory, advised to
+/// the kernel as huge-page backed (`MADV_HUGEPAGE`) before it is first written.
+pub struct HugePageBuf<W: Weight = f32> {
+    ptr: NonNull<W>,
     len: usize,
 }
 
-// SAFETY: the buffer owns its memory exclusively, like a `Vec<f32>`.
-unsafe impl Send for HugePageBuf {}
+// SAFETY: the buffer owns its memory exclusively, like a `Vec<W>` (and W is Send + Sync).
+unsafe impl<W: Weight> Send for HugePageBuf<W> {}
 // SAFETY: shared access is read-only through `Deref`.
-unsafe impl Sync for HugePageBuf {}
+unsafe impl<W: Weight> Sync for HugePageBuf<W> {}
 
-impl HugePageBuf {
-    /// A copy of `src`.
-    pub fn from_slice(src: &[f32]) -> Self {
-        let Some(layout) = Self::layout(src.len()) else {
+impl<W: Weight> HugePageBuf<W> {
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        let Some(layout) = Self::layout(len) else {
             return HugePageBuf { ptr: NonNull::dangling(), len: 0 };
         };
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw.cast::<f32>()) else {
+        let Some(ptr) = NonNull::new(raw.cast::<W>()) else {
             std::alloc::handle_alloc_error(layout)
         };
+        // Advised before the first write: pages touched before it stay 4 KiB.
         advise_huge_pages(raw, layout.size());
-        // SAFETY: the allocation holds `src.len()` f32s and does not overlap `src`.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr(), src.len()) };
-        HugePageBuf { ptr, len: src.len() }
+        // SAFETY: the allocation holds `len` elements; all-zero bits are 0.0 in f32 and f16,
+        // the only weight types (the trait is sealed).
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        HugePageBuf { ptr, len }
+    }
+
+    /// A copy of `src`.
+    pub fn from_slice(src: &[W]) -> Self {
+        let mut buf = Self::zeroed(src.len());
+        buf.copy_from_slice(src);
+        buf
     }
 
     fn layout(len: usize) -> Option<Layout> {
         if len == 0 {
             return None;
         }
-        let bytes = (len * size_of::<f32>()).next_multiple_of(HUGE_PAGE);
+        let bytes = (len * size_of::<W>()).next_multiple_of(HUGE_PAGE);
         Some(Layout::from_size_align(bytes, HUGE_PAGE).expect("a huge-page layout"))
     }
 }
@@ -67,7 +78,7 @@ fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
 #[cfg(not(target_os = "linux"))]
 fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
-impl Drop for HugePageBuf {
+impl<W: Weight> Drop for HugePageBuf<W> {
     fn drop(&mut self) {
         if let Some(layout) = Self::layout(self.len) {
             // SAFETY: allocated in `from_slice` with this layout.
@@ -76,24 +87,24 @@ impl Drop for HugePageBuf {
     }
 }
 
-impl Deref for HugePageBuf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // SAFETY: `len` initialised f32s (dangling but aligned when empty).
+impl<W: Weight> Deref for HugePageBuf<W> {
+    type Target = [W];
+    fn deref(&self) -> &[W] {
+        // SAFETY: `len` initialised elements (dangling but aligned when empty).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl DerefMut for HugePageBuf {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<W: Weight> DerefMut for HugePageBuf<W> {
+    fn deref_mut(&mut self) -> &mut [W] {
         // SAFETY: as in `deref`, and `&mut self` is exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl std::fmt::Debug for HugePageBuf {
+impl<W: Weight> std::fmt::Debug for HugePageBuf<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HugePageBuf({} f32)", self.len)
+        write!(f, "HugePageBuf({} x {})", self.len, std::any::type_name::<W>())
     }
 }
 
@@ -109,7 +120,9 @@ mod tests {
         assert_eq!(buf.as_ptr() as usize % HUGE_PAGE, 0);
         buf[7] = -1.0;
         assert_eq!(buf[7], -1.0);
-        let empty = HugePageBuf::from_slice(&[]);
+        let empty = HugePageBuf::<f32>::from_slice(&[]);
         assert!(empty.is_empty());
+        let halves = HugePageBuf::<half::f16>::zeroed(5);
+        assert!(halves.iter().all(|h| h.to_f32() == 0.0));
     }
 }
