@@ -1,7 +1,7 @@
 //! Attention against a KV cache (`cpu::attention_cached`) against a naive f64 reference, and
 //! its promise: a row's bits do not depend on how the new positions are cut into calls.
 
-use ferrite_kernels::cpu::attention_cached;
+use ferrite_kernels::cpu::{attention_cached, CachedSeq};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
@@ -15,15 +15,29 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// (keys, c) position-major rows as a head-major cache of `cap` positions, (nh, cap, hs).
+fn head_major(x: &[f32], keys: usize, cap: usize, c: usize, nh: usize) -> Vec<f32> {
+    let hs = c / nh;
+    let mut out = vec![0.0; nh * cap * hs];
+    for j in 0..keys {
+        for h in 0..nh {
+            out[(h * cap + j) * hs..][..hs].copy_from_slice(&x[j * c + h * hs..][..hs]);
+        }
+    }
+    out
+}
+
 #[test]
 fn cached_attention_matches_naive_and_chunking_keeps_the_bits() {
-    let (c, nh, past, rows) = (48, 3, 5, 37);
+    let (c, nh, past, rows, cap) = (48, 3, 5, 37, 50);
     let hs = c / nh;
     let keys = past + rows;
     let (q, k, v) = (data(rows * c, 1), data(keys * c, 2), data(keys * c, 3));
+    let (kc, vc) = (head_major(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh));
+    let seq = |past: usize, rows: usize| CachedSeq { k: &kc, v: &vc, cap, past, row0: 0, rows };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let mut all = vec![0.0; rows * c];
-    pool.install(|| attention_cached(&mut all, &q, &k, &v, past, rows, c, nh));
+    pool.install(|| attention_cached(&mut all, &q, &[seq(past, rows)], c, nh));
     for r in 0..rows {
         for h in 0..nh {
             let vis = past + r + 1;
@@ -47,8 +61,46 @@ fn cached_attention_matches_naive_and_chunking_keeps_the_bits() {
     for n in [20, 16, 1] {
         let out = &mut chunked[at * c..(at + n) * c];
         let qs = &q[at * c..(at + n) * c];
-        pool.install(|| attention_cached(out, qs, &k, &v, past + at, n, c, nh));
+        pool.install(|| attention_cached(out, qs, &[seq(past + at, n)], c, nh));
         at += n;
     }
     assert_eq!(chunked, all);
+}
+
+#[test]
+fn sequences_batched_in_one_call_get_the_bits_they_get_alone() {
+    let (c, nh, cap) = (32, 4, 40);
+    // (past, new rows) of three sequences with caches of their own.
+    let shapes = [(7, 1), (0, 19), (30, 3)];
+    let caches: Vec<(Vec<f32>, Vec<f32>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, n))| {
+            let keys = p + n;
+            let (k, v) = (data(keys * c, 10 + i as u64), data(keys * c, 20 + i as u64));
+            (head_major(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh))
+        })
+        .collect();
+    let total: usize = shapes.iter().map(|s| s.1).sum();
+    let q = data(total * c, 5);
+    let mut row0 = 0;
+    let seqs: Vec<CachedSeq<'_>> = shapes
+        .iter()
+        .zip(&caches)
+        .map(|(&(past, rows), (k, v))| {
+            let s = CachedSeq { k, v, cap, past, row0, rows };
+            row0 += rows;
+            s
+        })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut together = vec![0.0; total * c];
+    pool.install(|| attention_cached(&mut together, &q, &seqs, c, nh));
+    for s in &seqs {
+        let rows = s.row0 * c..(s.row0 + s.rows) * c;
+        let mut alone = vec![0.0; s.rows * c];
+        let one = CachedSeq { row0: 0, ..*s };
+        pool.install(|| attention_cached(&mut alone, &q[rows.clone()], &[one], c, nh));
+        assert_eq!(alone, together[rows], "sequence at row {}", s.row0);
+    }
 }

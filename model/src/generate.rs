@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferrite_kernels::cpu::{attention_cached, f16, matvec, HugePageBuf, Weight};
+use ferrite_kernels::cpu::{attention_cached, f16, matvec, CachedSeq, HugePageBuf, Weight};
 use ferrite_kernels::{Backend, CpuBackend};
 use rayon::prelude::*;
 
@@ -246,8 +246,10 @@ impl Packer<'_> {
     }
 }
 
-/// One sequence's keys and values, (L, cap, C) each; positions 0..len are filled.
+/// One sequence's keys and values; positions 0..len are filled.
 pub struct KvCache {
+    /// (layers, heads, cap, head size): each head's positions contiguous (see
+    /// `ferrite_kernels::cpu::attention_cached`).
     k: Vec<f32>,
     v: Vec<f32>,
     cap: usize,
@@ -423,31 +425,35 @@ fn forward(
         );
         let qkv = &mut s.qkv[..3 * n];
         model.linear(Tensor::QkvW, Tensor::QkvB, l, qkv, &s.ln[..n], rows, (c, 3 * c));
+        let hs = c / nh;
         let mut r0 = 0;
         for sq in seqs.iter_mut() {
             let (kv, t) = (&mut *sq.kv, sq.tokens.len());
             let base = l * kv.cap * c;
             for i in 0..t {
                 let src = &s.qkv[(r0 + i) * 3 * c..(r0 + i + 1) * 3 * c];
-                let at = base + (kv.len + i) * c;
                 s.q[(r0 + i) * c..(r0 + i + 1) * c].copy_from_slice(&src[..c]);
-                kv.k[at..at + c].copy_from_slice(&src[c..2 * c]);
-                kv.v[at..at + c].copy_from_slice(&src[2 * c..]);
+                for h in 0..nh {
+                    let at = base + (h * kv.cap + kv.len + i) * hs;
+                    kv.k[at..at + hs].copy_from_slice(&src[c + h * hs..][..hs]);
+                    kv.v[at..at + hs].copy_from_slice(&src[2 * c + h * hs..][..hs]);
+                }
             }
-            let cache = base..base + kv.cap * c;
-            let rows_of = r0 * c..(r0 + t) * c;
-            attention_cached(
-                &mut s.att[rows_of.clone()],
-                &s.q[rows_of],
-                &kv.k[cache.clone()],
-                &kv.v[cache],
-                kv.len,
-                t,
-                c,
-                nh,
-            );
             r0 += t;
         }
+        let mut row0 = 0;
+        let caches: Vec<CachedSeq<'_>> = seqs
+            .iter()
+            .map(|sq| {
+                let (kv, rows) = (&*sq.kv, sq.tokens.len());
+                let layer = l * kv.cap * c..(l + 1) * kv.cap * c;
+                let (k, v) = (&kv.k[layer.clone()], &kv.v[layer]);
+                let seq = CachedSeq { k, v, cap: kv.cap, past: kv.len, row0, rows };
+                row0 += rows;
+                seq
+            })
+            .collect();
+        attention_cached(&mut s.att[..n], &s.q[..n], &caches, c, nh);
         let proj = &mut s.proj[..n];
         model.linear(Tensor::AttProjW, Tensor::AttProjB, l, proj, &s.att[..n], rows, (c, c));
         add_into(&mut s.x[..n], &s.proj[..n]);

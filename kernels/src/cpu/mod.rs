@@ -21,7 +21,7 @@ use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
 pub use attention::MAX_SEQ_LEN;
 pub use half::f16;
-pub use kv_attention::attention_cached;
+pub use kv_attention::{attention_cached, CachedSeq};
 pub use matvec::Weight;
 pub use pages::HugePageBuf;
 
