@@ -7,7 +7,8 @@
 # `bench/run.sh decode` instead sets the serving decode speed (`ferrite bench decode`) beside
 # Hugging Face transformers (`bench/hf_decode.py`): ROUNDS (3) rounds, each running Ferrite
 # then transformers back to back, so both see the same load; every round's figures and
-# ratio, then the medians (each run's JSON goes to stderr).
+# ratio, then the medians (each run's JSON goes to stderr). DTYPE=f16 serves Ferrite's weight
+# matrices as f16 (`--dtype`); transformers runs in f32 either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-2}
@@ -22,7 +23,7 @@ if [ "${1:-}" = decode ]; then
     trap 'rm -f "$out"' EXIT
     for r in $(seq "$rounds"); do
         echo "round $r/$rounds: ferrite, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-        $F bench decode --threads "$threads" --reps 1 | tail -n 1 | tee -a "$out" >&2
+        $F bench decode --threads "$threads" --reps 1 --dtype "${DTYPE:-f32}" | tail -n 1 | tee -a "$out" >&2
         echo "round $r/$rounds: transformers, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
         $P bench/hf_decode.py --threads "$threads" --reps 1 | tail -n 1 | tee -a "$out" >&2
     done

@@ -23,6 +23,7 @@ use ferrite_model::generate::{
     BatchDecoder, DecodeModel, KvCache, LongPrompt, Sequence, WeightDtype,
 };
 use ferrite_model::sample::Sampled;
+use ferrite_model::GptConfig;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{InferenceError, Result};
@@ -34,6 +35,10 @@ use crate::text::TextStream;
 
 /// Prompt tokens per step when no sequence is decoding.
 pub const IDLE_PREFILL_CHUNK: usize = 512;
+
+/// KV caches are sized in multiples of this many positions (up to the context), so that a
+/// finished sequence's cache fits the next requests of similar length ([`KvPool`]).
+const KV_GRANULE: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -152,7 +157,10 @@ impl Engine {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferrite-scheduler".into())
-            .spawn(move || Scheduler { shared: s, decoder, active: Vec::new(), kv_used: 0 }.run())
+            .spawn(move || {
+                let pool = KvPool::default();
+                Scheduler { shared: s, decoder, active: Vec::new(), kv_used: 0, pool }.run()
+            })
             .map_err(|e| InferenceError::Coordinator(format!("scheduler thread: {e}")))?;
         Ok(Engine { handle: EngineHandle { shared }, thread: Some(thread) })
     }
@@ -234,7 +242,9 @@ impl EngineHandle {
                 ),
             ));
         }
-        let kv_positions = Sequence::kv_positions(cfg, prompt.len(), req.max_tokens);
+        let kv_positions = Sequence::kv_positions(cfg, prompt.len(), req.max_tokens)
+            .next_multiple_of(KV_GRANULE)
+            .min(cfg.block_size);
         let need = model.model.kv_bytes(kv_positions);
         if need > self.shared.cfg.kv_cache_bytes {
             return Err(InferenceError::ResourceExhausted(format!(
@@ -321,7 +331,43 @@ struct Scheduler {
     shared: Arc<Shared>,
     decoder: BatchDecoder,
     active: Vec<Active>,
+    /// Bytes of the running sequences' caches.
     kv_used: usize,
+    pool: KvPool,
+}
+
+/// Caches of finished sequences, kept for the next ones: a fresh cache costs the kernel
+/// zeroing each of its pages on first touch (a tenth of a 1024-token prefill's time), a
+/// reused one nothing. Spares count against `kv_cache_bytes` together with the running
+/// caches; the oldest are freed first when room is needed.
+#[derive(Default)]
+struct KvPool {
+    spares: std::collections::VecDeque<(KvCache, usize)>,
+    bytes: usize,
+}
+
+impl KvPool {
+    /// A spare of exactly `cap` positions for `cfg`'s shape, emptied.
+    fn take(&mut self, cfg: &GptConfig, cap: usize) -> Option<KvCache> {
+        let i = self.spares.iter().position(|(kv, _)| kv.fits(cfg, cap))?;
+        let (mut kv, bytes) = self.spares.remove(i)?;
+        self.bytes -= bytes;
+        kv.clear();
+        Some(kv)
+    }
+
+    fn put(&mut self, kv: KvCache, bytes: usize) {
+        self.spares.push_back((kv, bytes));
+        self.bytes += bytes;
+    }
+
+    /// Frees the oldest spares until at most `bytes` are kept.
+    fn shrink_to(&mut self, bytes: usize) {
+        while self.bytes > bytes {
+            let Some((_, b)) = self.spares.pop_front() else { break };
+            self.bytes -= b;
+        }
+    }
 }
 
 impl Scheduler {
@@ -396,7 +442,15 @@ impl Scheduler {
 
     fn start(&mut self, model: Arc<ServedModel>, q: Queued, kv_bytes: usize) {
         let cfg = &model.model.cfg;
-        let kv = KvCache::new(cfg, q.kv_positions);
+        let kv = match self.pool.take(cfg, q.kv_positions) {
+            Some(kv) => kv,
+            None => {
+                // Room for the new cache beside the running ones, spares freed as needed.
+                let budget = self.shared.cfg.kv_cache_bytes;
+                self.pool.shrink_to(budget.saturating_sub(self.kv_used + kv_bytes));
+                KvCache::new(cfg, q.kv_positions)
+            }
+        };
         let r = &q.req;
         match Sequence::new(cfg, &q.prompt, r.max_tokens, r.sampling, r.long_prompt, kv) {
             Ok(seq) => {
@@ -445,7 +499,7 @@ impl Scheduler {
                     let n = a.seq.generated();
                     let _ = a.events.send(Event::Failed(FailReason::DeadlineExceeded(n)));
                 }
-                self.kv_used -= a.kv_bytes;
+                self.release(a);
             } else {
                 i += 1;
             }
@@ -561,13 +615,46 @@ impl Scheduler {
         idx.sort_unstable();
         for &i in idx.iter().rev() {
             let a = self.active.swap_remove(i);
-            self.kv_used -= a.kv_bytes;
+            self.release(a);
         }
+    }
+
+    /// A sequence leaves: its cache goes to the pool.
+    fn release(&mut self, a: Active) {
+        self.kv_used -= a.kv_bytes;
+        self.pool.put(a.seq.into_kv(), a.kv_bytes);
     }
 
     fn publish_gauges(&self) {
         let m = &self.shared.metrics;
         m.active_sequences.store(self.active.len() as u64, Ordering::Relaxed);
         m.kv_cache_bytes_used.store(self.kv_used as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_embd: usize) -> GptConfig {
+        GptConfig { n_layer: 2, n_head: 2, n_embd, block_size: 256, vocab_size: 50 }
+    }
+
+    #[test]
+    fn the_pool_hands_back_a_cache_of_the_same_shape_and_frees_the_oldest_first() {
+        let mut pool = KvPool::default();
+        let (a, b) = (cfg(16), cfg(32));
+        pool.put(KvCache::new(&a, 64), 100);
+        pool.put(KvCache::new(&a, 128), 200);
+        pool.put(KvCache::new(&b, 64), 300);
+        assert!(pool.take(&a, 192).is_none(), "no spare of 192 positions");
+        let kv = pool.take(&a, 64).expect("the 64-position spare of shape a");
+        assert!(kv.fits(&a, 64));
+        assert_eq!(pool.bytes, 500);
+        pool.shrink_to(350);
+        assert_eq!(pool.bytes, 300, "the older spare went first");
+        assert!(pool.take(&a, 128).is_none());
+        assert!(pool.take(&b, 64).is_some());
+        assert_eq!(pool.bytes, 0);
     }
 }

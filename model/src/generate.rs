@@ -280,6 +280,11 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Whether this is a cache of exactly `cap` positions for a model of `cfg`'s shape.
+    pub fn fits(&self, cfg: &GptConfig, cap: usize) -> bool {
+        self.cap == cap && self.k.len() == cfg.n_layer * cap * cfg.n_embd
+    }
 }
 
 /// One sequence's share of a step: `tokens` go in at positions `kv.len()..`.
