@@ -58,6 +58,10 @@ fn main() {
         total as f64 / 1e6,
         head_bytes as f64 / 1e6
     );
+    let plain: Vec<Vec<&[f32]>> =
+        layers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
+    let huge: Vec<Vec<&[f32]>> =
+        hlayers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
     for _ in 0..rounds {
         let t0 = Instant::now();
         let s: f32 = std::thread::scope(|sc| {
@@ -70,31 +74,24 @@ fn main() {
         let read = t0.elapsed().as_secs_f64();
         std::hint::black_box(s);
 
-        let t0 = Instant::now();
-        be.run(|| {
-            for layer in &layers {
-                for (w, &(c, oc)) in layer.iter().zip(&shapes) {
-                    matvec::forward_packed(&mut out, &x[..c], w, None, 1, c, oc);
+        // Seconds of the linear layers, then of the LM head.
+        let mut time = |layers: &[Vec<&[f32]>], head: &[f32]| {
+            let t0 = Instant::now();
+            be.run(|| {
+                for layer in layers {
+                    for (w, &(c, oc)) in layer.iter().zip(&shapes) {
+                        matvec::forward_packed(&mut out, &x[..c], w, None, 1, c, oc);
+                    }
                 }
-            }
-        });
-        let lin = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        be.run(|| matvec::forward_out_in(&mut out, &x[..C], &head, 1, C, VOCAB));
-        let hd = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        be.run(|| {
-            for layer in &hlayers {
-                for (w, &(c, oc)) in layer.iter().zip(&shapes) {
-                    matvec::forward_packed(&mut out, &x[..c], w, None, 1, c, oc);
-                }
-            }
-        });
-        let hlin = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        be.run(|| matvec::forward_out_in(&mut out, &x[..C], &hhead, 1, C, VOCAB));
-        let hhd = t0.elapsed().as_secs_f64();
-        std::hint::black_box(&out);
+            });
+            let lin = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            be.run(|| matvec::forward_out_in(&mut out, &x[..C], head, 1, C, VOCAB));
+            std::hint::black_box(&out);
+            (lin, t0.elapsed().as_secs_f64())
+        };
+        let (lin, hd) = time(&plain, &head);
+        let (hlin, hhd) = time(&huge, &hhead);
         let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;
         println!(
             "streaming read {:5.1} GB/s | linear layers {:5.1} GB/s | LM head {:5.1} GB/s | step {:5.1} ms = {:5.1} tok/s ceiling {:5.1}",

@@ -151,9 +151,17 @@ async fn concurrent_seeded_requests_match_one_by_one_and_local_generation() {
     assert!(stopped.tokens.len() <= cut + 1);
 
     // The local generator (what `ferrite generate` runs) samples the same tokens.
+    for (i, ids) in local_tokens(&dir, WeightDtype::F32).iter().enumerate() {
+        assert_eq!(*ids, alone[i].tokens, "request {i}: served differs from local");
+    }
+}
+
+/// The tokens the local generator (what `ferrite generate` runs) samples for `requests()`.
+fn local_tokens(dir: &Path, dtype: WeightDtype) -> Vec<Vec<u32>> {
     let tok = Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
-    let mut local = Generator::from_checkpoint(&dir, 1, WeightDtype::F32).unwrap();
-    for (i, r) in requests().iter().enumerate() {
+    let mut local = Generator::from_checkpoint(dir, 1, dtype).unwrap();
+    let mut all = Vec::new();
+    for r in requests() {
         let Some(pb::generate_request::Prompt::Text(text)) = &r.prompt else { unreachable!() };
         let p = SamplingParams {
             temperature: r.temperature.unwrap(),
@@ -162,9 +170,9 @@ async fn concurrent_seeded_requests_match_one_by_one_and_local_generation() {
             seed: r.seed,
         };
         let out = local.generate(&tok.encode(text).unwrap(), r.max_tokens as usize, &p, |_| true);
-        let ids: Vec<u32> = out.unwrap().iter().map(|s| s.token).collect();
-        assert_eq!(ids, alone[i].tokens, "request {i}: served differs from local");
+        all.push(out.unwrap().iter().map(|s| s.token).collect());
     }
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,19 +185,8 @@ async fn a_server_on_f16_weights_matches_local_f16_generation_and_batching() {
     let e = engine(Some(model), EngineConfig { dtype: WeightDtype::F16, ..small(8, 16) });
     let client = serve(e.handle()).await;
     let together = futures_join(client.clone(), requests()).await;
-    let tok = Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
-    let mut local = Generator::from_checkpoint(&dir, 1, WeightDtype::F16).unwrap();
-    for (i, r) in requests().iter().enumerate() {
-        let Some(pb::generate_request::Prompt::Text(text)) = &r.prompt else { unreachable!() };
-        let p = SamplingParams {
-            temperature: r.temperature.unwrap(),
-            top_k: r.top_k as usize,
-            top_p: r.top_p.unwrap(),
-            seed: r.seed,
-        };
-        let out = local.generate(&tok.encode(text).unwrap(), r.max_tokens as usize, &p, |_| true);
-        let ids: Vec<u32> = out.unwrap().iter().map(|s| s.token).collect();
-        assert_eq!(ids, together[i].tokens, "request {i}: served f16 differs from local f16");
+    for (i, ids) in local_tokens(&dir, WeightDtype::F16).iter().enumerate() {
+        assert_eq!(*ids, together[i].tokens, "request {i}: served f16 differs from local f16");
     }
 }
 
