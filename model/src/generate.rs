@@ -126,6 +126,16 @@ impl DecodeModel {
         for &t in Tensor::ALL.iter().filter(|&&t| matrix_shape(t, cfg.n_embd).is_none()) {
             small.extend_from_slice(&params[layout.all(t)]);
         }
+        if dtype == WeightDtype::F16 {
+            let max = f16::MAX.to_f32();
+            for &t in Tensor::ALL.iter().filter(|&&t| matrix_shape(t, cfg.n_embd).is_some()) {
+                if let Some(v) = params[layout.all(t)].iter().find(|v| v.abs() > max) {
+                    return Err(ModelError::Shape(format!(
+                        "{t:?} holds {v}, outside f16's range (±{max}): use f32 weights"
+                    )));
+                }
+            }
+        }
         let pack = Packer { cfg: &cfg, layout: &layout, places: &places, params: &params };
         let mats = match dtype {
             WeightDtype::F32 => Mats::F32(pack.matrices(mats_len)),

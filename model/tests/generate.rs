@@ -95,3 +95,12 @@ fn f16_weights_decode_close_to_f32_and_chunking_keeps_their_bits() {
     }
     assert_eq!(last, got);
 }
+
+#[test]
+fn weights_outside_f16_range_are_refused_for_f16_and_kept_for_f32() {
+    let (cfg, mut params, _, _) = model();
+    params[0] = 1e6; // the first token embedding
+    let err = Generator::new(cfg.clone(), params.clone(), 1, WeightDtype::F16).err().unwrap();
+    assert!(err.to_string().contains("Wte holds 1000000, outside f16's range"), "{err}");
+    assert!(Generator::new(cfg, params, 1, WeightDtype::F32).is_ok());
+}

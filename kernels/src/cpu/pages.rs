@@ -8,7 +8,7 @@
 //! kernel declines, it is ordinary memory.
 //!
 //! `cargo run --release -p ferrite-inference --example bench_stream` measured the linear
-//! layers of a decode step 15-20% faster on this buffer than on a `Vec` (BENCHMARKS.md).
+//! layers of a decode step 15–25% faster on this buffer than on a `Vec` (BENCHMARKS.md).
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
