@@ -112,7 +112,7 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
     }
     // Not bitwise: one rank sums 2B rows in each kernel where two ranks sum B rows each and
     // add the halves. That is a rounding (1 ulp of the LayerNorm weights near 1 is 1.2e-7);
-    // the key bias, whose gradient is only rounding noise, is zeroed by the trainer.
+    // the key bias, whose gradient is only rounding noise, is zeroed by backward.
     let max_diff = max_abs_diff(&runs[0].1, &single_params);
     assert!(max_diff < 1e-6, "weights differ by {max_diff}");
 }
