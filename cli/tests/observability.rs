@@ -117,6 +117,7 @@ fn coordinator_and_workers_serve_prometheus_metrics_and_json_logs_carry_the_rank
     assert_eq!(sample(&text, "ferrite_jobs{state=\"succeeded\"}"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "ferrite_jobs{state=\"running\"}"), Some(0.0));
     assert_eq!(sample(&text, "ferrite_workers_alive"), Some(2.0));
+    assert_eq!(sample(&text, "ferrite_coordinator_leader"), Some(1.0), "the sole one leads");
     for w in &cluster.workers {
         let series =
             format!("ferrite_worker_heartbeat_age_seconds{{worker=\"{}\"}}", w.field("worker"));

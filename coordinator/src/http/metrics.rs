@@ -51,6 +51,14 @@ pub(crate) async fn render(app: &App) -> Result<String> {
         let n = by_state.get(&s).copied().unwrap_or(0);
         let _ = writeln!(out, "ferrite_jobs{{state=\"{s}\"}} {n}");
     }
+    family(
+        &mut out,
+        "ferrite_coordinator_leader",
+        "gauge",
+        "1 while this coordinator leads (runs the control loop), 0 while it stands by.",
+    );
+    let leads = app.deps.role.borrow().is_leader();
+    let _ = writeln!(out, "ferrite_coordinator_leader {}", leads as u8);
     family(&mut out, "ferrite_workers_alive", "gauge", "Workers holding a membership lease.");
     let _ = writeln!(out, "ferrite_workers_alive {}", alive.len());
     family(
