@@ -123,12 +123,12 @@ math::multiversion! {
         for r in 0..rn {
             let row = &mut s[r * keys..r * keys + visible(r)];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0.0;
+            // Exponentials first (a vector loop), then their sum in lanes: one running sum
+            // would chain every add on the last (a long prompt's rows are 1000s of keys).
             for x in row.iter_mut() {
                 *x = math::exp(*x - max);
-                sum += *x;
             }
-            sums[r] = sum;
+            sums[r] = math::sum(row);
         }
         // SAFETY: rows r0..r0+rn, columns off..off+hs of `out` are this call's alone.
         let o = |r: usize| unsafe {
