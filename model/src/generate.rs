@@ -113,28 +113,26 @@ impl DecodeModel {
             )));
         }
         let mut places = [Place::default(); Tensor::ALL.len()];
-        let (mut small_len, mut mats_len) = (0, 0);
+        let (mut small, mut mats_len) = (Vec::new(), 0);
+        let f16_max = f16::MAX.to_f32();
         for (k, &t) in Tensor::ALL.iter().enumerate() {
-            let all = layout.all(t).len();
-            let per = if t.per_layer() { all / cfg.n_layer } else { all };
+            let all = &params[layout.all(t)];
+            let per = if t.per_layer() { all.len() / cfg.n_layer } else { all.len() };
             let mat = matrix_shape(t, cfg.n_embd).is_some();
-            let next = if mat { &mut mats_len } else { &mut small_len };
-            places[k] = Place { mat, start: *next, per };
-            *next += all;
-        }
-        let mut small = Vec::with_capacity(small_len);
-        for &t in Tensor::ALL.iter().filter(|&&t| matrix_shape(t, cfg.n_embd).is_none()) {
-            small.extend_from_slice(&params[layout.all(t)]);
-        }
-        if dtype == WeightDtype::F16 {
-            let max = f16::MAX.to_f32();
-            for &t in Tensor::ALL.iter().filter(|&&t| matrix_shape(t, cfg.n_embd).is_some()) {
-                if let Some(v) = params[layout.all(t)].iter().find(|v| v.abs() > max) {
+            if !mat {
+                places[k] = Place { mat, start: small.len(), per };
+                small.extend_from_slice(all);
+                continue;
+            }
+            if dtype == WeightDtype::F16 {
+                if let Some(v) = all.iter().find(|v| v.abs() > f16_max) {
                     return Err(ModelError::Shape(format!(
-                        "{t:?} holds {v}, outside f16's range (±{max}): use f32 weights"
+                        "{t:?} holds {v}, outside f16's range (±{f16_max}): use f32 weights"
                     )));
                 }
             }
+            places[k] = Place { mat, start: mats_len, per };
+            mats_len += all.len();
         }
         let pack = Packer { cfg: &cfg, layout: &layout, places: &places, params: &params };
         let mats = match dtype {
@@ -157,15 +155,6 @@ impl DecodeModel {
         }
     }
 
-    /// Bytes of the weights (what a batch-1 decode step reads from memory).
-    pub fn weight_bytes(&self) -> usize {
-        let mats = match &self.mats {
-            Mats::F32(m) => m.len() * 4,
-            Mats::F16(m) => m.len() * 2,
-        };
-        mats + self.small.len() * 4
-    }
-
     /// Bytes of a KV cache of `cap` positions.
     pub fn kv_bytes(&self, cap: usize) -> usize {
         2 * self.cfg.n_layer * cap * self.cfg.n_embd * std::mem::size_of::<f32>()
@@ -183,17 +172,10 @@ impl DecodeModel {
     }
 
     /// out (rows, oc) = inp (rows, c) @ W + b for the linear layer `t` of layer `l`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        t: Tensor,
-        bias: Tensor,
-        l: usize,
-        out: &mut [f32],
-        inp: &[f32],
-        rows: usize,
-        (c, oc): (usize, usize),
-    ) {
+    fn linear(&self, t: Tensor, bias: Tensor, l: usize, out: &mut [f32], inp: &[f32], rows: usize) {
+        let Some(Some((c, oc))) = matrix_shape(t, self.cfg.n_embd) else {
+            unreachable!("{t:?} is not an (in, out) linear layer")
+        };
         let (r, b) = (self.place(t).at(l), Some(self.small(bias, l)));
         match &self.mats {
             Mats::F32(m) => matvec::forward_packed(out, inp, &m[r], b, rows, c, oc),
@@ -439,7 +421,7 @@ fn forward(
             c,
         );
         let qkv = &mut s.qkv[..3 * n];
-        model.linear(Tensor::QkvW, Tensor::QkvB, l, qkv, &s.ln[..n], rows, (c, 3 * c));
+        model.linear(Tensor::QkvW, Tensor::QkvB, l, qkv, &s.ln[..n], rows);
         let hs = c / nh;
         let mut r0 = 0;
         for sq in seqs.iter_mut() {
@@ -470,7 +452,7 @@ fn forward(
             .collect();
         attention_cached(&mut s.att[..n], &s.q[..n], &caches, c, nh);
         let proj = &mut s.proj[..n];
-        model.linear(Tensor::AttProjW, Tensor::AttProjB, l, proj, &s.att[..n], rows, (c, c));
+        model.linear(Tensor::AttProjW, Tensor::AttProjB, l, proj, &s.att[..n], rows);
         add_into(&mut s.x[..n], &s.proj[..n]);
         let (ln, mean, rstd) = (&mut s.ln[..n], &mut s.mean[..rows], &mut s.rstd[..rows]);
         be.layernorm_forward(
@@ -484,11 +466,10 @@ fn forward(
             c,
         );
         let fch = &mut s.fch[..4 * n];
-        model.linear(Tensor::FcW, Tensor::FcB, l, fch, &s.ln[..n], rows, (c, 4 * c));
+        model.linear(Tensor::FcW, Tensor::FcB, l, fch, &s.ln[..n], rows);
         be.gelu_forward(&mut s.fchg[..4 * n], &s.fch[..4 * n], 4 * n);
         let proj = &mut s.proj[..n];
-        let fchg = &s.fchg[..4 * n];
-        model.linear(Tensor::FcProjW, Tensor::FcProjB, l, proj, fchg, rows, (4 * c, c));
+        model.linear(Tensor::FcProjW, Tensor::FcProjB, l, proj, &s.fchg[..4 * n], rows);
         add_into(&mut s.x[..n], &s.proj[..n]);
     }
     // Only the last row of each sequence that wants logits goes through the LM head.
