@@ -13,8 +13,9 @@
 //! follows at full speed. (Read in place, each input row would give a task one 256-byte
 //! piece per weight row, a stride the prefetcher does not follow.)
 //!
-//! Runs on the caller's rayon pool. AVX-512 kernels where the CPU has it; elsewhere the same
-//! arithmetic in portable code compiled for AVX2 + FMA or the baseline (`math::multiversion`).
+//! Runs on the caller's rayon pool. AVX-512 kernels where the CPU has it, AVX2 + FMA + F16C
+//! kernels where it has those; elsewhere the same arithmetic in portable code
+//! (`math::multiversion`).
 
 use rayon::prelude::*;
 
@@ -46,6 +47,13 @@ pub trait Weight: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Eight consecutive weights as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight elements are readable at `p`, and the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 mod sealed {
@@ -72,6 +80,12 @@ impl Weight for f32 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
 }
 
 impl Weight for half::f16 {
@@ -93,6 +107,13 @@ impl Weight for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract (16 halves are 32 bytes).
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 halves are 16 bytes).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 }
 
@@ -198,6 +219,34 @@ fn panel<W: Weight>(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if wp == PANEL && avx2::available() {
+        if rows == 1 {
+            // SAFETY: the CPU has AVX2, FMA and F16C; one row of c, a full panel.
+            unsafe { avx2::panel_tile::<W, 1, 8>(dst, &inp[..c], w, 0, bias, c) };
+            return;
+        }
+        // Several rows: half a panel (4 vectors) at a time, so that 3 rows of accumulators,
+        // their broadcast inputs and a weight vector fit the 16 registers.
+        for half in [0, PANEL / 2] {
+            let mut r0 = 0;
+            while r0 < rows {
+                let rt = 3.min(rows - r0);
+                let d = DstTile { r0, j0: dst.j0 + half, ..dst };
+                let x = &inp[r0 * c..(r0 + rt) * c];
+                // SAFETY: as above; columns half..half+32 of the panel.
+                unsafe {
+                    match rt {
+                        3 => avx2::panel_tile::<W, 3, 4>(d, x, w, half, bias, c),
+                        2 => avx2::panel_tile::<W, 2, 4>(d, x, w, half, bias, c),
+                        _ => avx2::panel_tile::<W, 1, 4>(d, x, w, half, bias, c),
+                    }
+                }
+                r0 += rt;
+            }
+        }
+        return;
+    }
     let w = &widened(w)[..];
     let mut r0 = 0;
     while r0 < rows {
@@ -208,7 +257,8 @@ fn panel<W: Weight>(
 }
 
 /// `w` as f32 for the portable kernels: borrowed when it is f32, else converted (exactly)
-/// into a copy. Only CPUs without AVX-512 take this detour with f16 weights.
+/// into a copy. Only narrow panels, and CPUs without AVX-512 or AVX2, take this detour with
+/// f16 weights.
 fn widened<W: Weight>(w: &[W]) -> std::borrow::Cow<'_, [f32]> {
     match W::as_f32(w) {
         Some(f) => std::borrow::Cow::Borrowed(f),
@@ -309,6 +359,15 @@ fn dots_block<W: Weight>(
                     }
                 }
                 r0 += rt;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if r0 == 0 && avx2::available() {
+            while r0 < rows {
+                let x = &inp[r0 * c..(r0 + 1) * c];
+                // SAFETY: the CPU has AVX2, FMA and F16C; as for AVX-512 above.
+                unsafe { avx2::dots(DstTile { r0, ..dst }, x, wr, c, n) };
+                r0 += 1;
             }
         }
         if r0 == rows {
@@ -470,6 +529,111 @@ mod avx512 {
     }
 }
 
+/// The same kernels in 8-lane AVX2 vectors, for x86 CPUs without AVX-512 (AMD before Zen 4,
+/// Intel client cores): the sums and their order are those of the AVX-512 kernels.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{finish_dot, DstTile, Weight, LANES, PANEL};
+
+    /// Whether the CPU runs the kernels of this module (cached by std after the first call).
+    #[inline]
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// `R` rows of `x` (R, c) against columns `col..col + 8V` of a full panel `w`
+    /// (c, PANEL), into columns 0..8V of `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `col + 8V <= PANEL`; `dst` covers R rows of 8V
+    /// columns written by this call alone; `x`, `w` and `bias` have R*c, c*PANEL and PANEL
+    /// elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn panel_tile<W: Weight, const R: usize, const V: usize>(
+        dst: DstTile,
+        x: &[f32],
+        w: &[W],
+        col: usize,
+        bias: Option<&[f32]>,
+        c: usize,
+    ) {
+        debug_assert!(x.len() >= R * c && w.len() >= c * PANEL && col + 8 * V <= PANEL);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if let Some(b) = bias {
+            // SAFETY: `b` has PANEL values and col + 8V <= PANEL.
+            let bv: [__m256; V] =
+                std::array::from_fn(|q| unsafe { _mm256_loadu_ps(b.as_ptr().add(col + 8 * q)) });
+            acc = [bv; R];
+        }
+        for i in 0..c {
+            // SAFETY: i < c, so the row i*PANEL.. of the panel and element (r, i) of x exist.
+            unsafe {
+                let row = wp.add(i * PANEL + col);
+                let xv: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*xp.add(r * c + i)));
+                for q in 0..V {
+                    let wv = W::load8(row.add(8 * q));
+                    for (a, &x) in acc.iter_mut().zip(&xv) {
+                        a[q] = _mm256_fmadd_ps(x, wv, a[q]);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (q, &v) in a.iter().enumerate() {
+                // SAFETY: (r, 8q..8q+8) is inside the tile.
+                unsafe { _mm256_storeu_ps(dst.at(r, 8 * q), v) };
+            }
+        }
+    }
+
+    /// One row `x` (c) dotted with the weight rows `w[..n]`, into columns 0..n of row 0 of
+    /// `dst`; the same 16 lane sums as `dot4`, kept as two 8-lane halves.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `dst` covers n columns of one row written by this
+    /// call alone; `x` and each `w[q]` have c elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots<W: Weight>(
+        dst: DstTile,
+        x: &[f32],
+        w: [&[W]; 4],
+        c: usize,
+        n: usize,
+    ) {
+        let full = c - c % LANES;
+        let xp = x.as_ptr();
+        let wp: [*const W; 4] = w.map(|s| s.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= c.
+            unsafe {
+                let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+                for q in 0..4 {
+                    acc[q][0] = _mm256_fmadd_ps(x0, W::load8(wp[q].add(i)), acc[q][0]);
+                    acc[q][1] = _mm256_fmadd_ps(x1, W::load8(wp[q].add(i + 8)), acc[q][1]);
+                }
+            }
+            i += LANES;
+        }
+        for (q, a) in acc[..n].iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+            }
+            // SAFETY: (0, q) is inside the tile.
+            unsafe { *dst.at(0, q) = finish_dot(&lanes, x, w[q], full) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +705,63 @@ mod tests {
         pool().install(|| forward_out_in(&mut a, &inp, &halves, rows, c, oc));
         pool().install(|| forward_out_in(&mut r, &inp, &rounded, rows, c, oc));
         assert_eq!(a, r);
+    }
+
+    /// The AVX2 kernels called directly, so that a CPU with AVX-512 (which the dispatch sends
+    /// elsewhere) tests them too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_give_the_bits_of_the_defined_sums() {
+        use half::f16;
+        if !avx2::available() {
+            eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
+            return;
+        }
+        let (rows, c, oc) = (3, 40, PANEL);
+        let (inp, w, b) = (data(rows * c, 9), data(c * oc, 10), data(oc, 11));
+        let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let (mut p32, mut p16) = (vec![0.0f32; c * oc], vec![f16::ZERO; c * oc]);
+        pack_in_out(&mut p32, &w, c, oc);
+        pack_in_out(&mut p16, &w, c, oc);
+        for (weights, packed16) in [(&w, false), (&rounded, true)] {
+            let want = reference(&inp, weights, &b, rows, c, oc);
+            let mut out = vec![0.0; rows * oc];
+            let dst = DstTile { ptr: SendPtr(out.as_mut_ptr()), ld: oc, r0: 0, j0: 0 };
+            let half = DstTile { j0: PANEL / 2, ..dst };
+            // SAFETY: the CPU has the features; `out` is rows x PANEL, written here alone.
+            unsafe {
+                if packed16 {
+                    avx2::panel_tile::<f16, 3, 4>(dst, &inp, &p16, 0, Some(&b), c);
+                    avx2::panel_tile::<f16, 3, 4>(half, &inp, &p16, PANEL / 2, Some(&b), c);
+                } else {
+                    avx2::panel_tile::<f32, 3, 4>(dst, &inp, &p32, 0, Some(&b), c);
+                    avx2::panel_tile::<f32, 3, 4>(half, &inp, &p32, PANEL / 2, Some(&b), c);
+                }
+            }
+            assert_eq!(out, want, "three rows, half panels (f16: {packed16})");
+            let mut one = vec![0.0; oc];
+            let dst = DstTile { ptr: SendPtr(one.as_mut_ptr()), ld: oc, r0: 0, j0: 0 };
+            // SAFETY: as above, one row.
+            unsafe {
+                if packed16 {
+                    avx2::panel_tile::<f16, 1, 8>(dst, &inp[..c], &p16, 0, Some(&b), c);
+                } else {
+                    avx2::panel_tile::<f32, 1, 8>(dst, &inp[..c], &p32, 0, Some(&b), c);
+                }
+            }
+            assert_eq!(one, want[..oc], "one row, whole panel (f16: {packed16})");
+        }
+        // The (out, in) dots, c = 40: two 16-lane steps and a tail of 8.
+        let wt: Vec<f32> = data(4 * c, 12);
+        let ws: [&[f32]; 4] = std::array::from_fn(|q| &wt[q * c..(q + 1) * c]);
+        for r in 0..rows {
+            let x = &inp[r * c..(r + 1) * c];
+            let mut got = [0.0f32; 4];
+            let dst = DstTile { ptr: SendPtr(got.as_mut_ptr()), ld: 4, r0: 0, j0: 0 };
+            // SAFETY: the CPU has the features; `got` is one row of 4.
+            unsafe { avx2::dots(dst, x, ws, c, 4) };
+            assert_eq!(got, dot4(x, ws), "row {r}");
+        }
     }
 
     #[test]
