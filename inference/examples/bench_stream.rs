@@ -4,11 +4,15 @@
 //! `matvec::forward_out_in` for the tied LM head), GB/s each, back to back; the layers once
 //! on ordinary `Vec`s, once on [`HugePageBuf`]s (2 MiB pages, what the server uses).
 //!
-//!     cargo run --release -p ferrite-inference --example bench_stream -- [threads] [rounds]
+//!     cargo run --release -p ferrite-inference --example bench_stream -- [threads] [rounds] [f32|f16]
+//!
+//! With `f16` the weights are stored as halves (`--dtype f16`), so a step reads half the
+//! bytes; the GB/s shown are of the bytes read.
 
 use std::time::Instant;
 
-use ferrite_kernels::cpu::{matvec, HugePageBuf};
+use ferrite_kernels::cpu::matvec::{self, Weight};
+use ferrite_kernels::cpu::{f16, HugePageBuf};
 use ferrite_kernels::{Backend, CpuBackend};
 
 const C: usize = 768;
@@ -16,32 +20,43 @@ const LAYERS: usize = 12;
 const VOCAB: usize = 50304;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<usize> = raw.iter().filter_map(|s| s.parse().ok()).collect();
     let threads = args.first().copied().unwrap_or(2);
     let rounds = args.get(1).copied().unwrap_or(5);
+    if raw.iter().any(|a| a == "f16") {
+        run::<f16>(threads, rounds);
+    } else {
+        run::<f32>(threads, rounds);
+    }
+}
+
+fn run<W: Weight>(threads: usize, rounds: usize) {
     let be = CpuBackend::new(threads).unwrap();
+    let size = std::mem::size_of::<W>();
 
     let shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)];
-    let layers: Vec<Vec<Vec<f32>>> = (0..LAYERS)
+    let layers: Vec<Vec<Vec<W>>> = (0..LAYERS)
         .map(|l| {
             shapes
                 .iter()
                 .map(|&(c, oc)| {
                     let w: Vec<f32> =
                         (0..c * oc).map(|i| (((i + l) % 13) as f32 - 6.0) * 0.01).collect();
-                    let mut packed = vec![0.0; c * oc];
+                    let mut packed = vec![W::default(); c * oc];
                     matvec::pack_in_out(&mut packed, &w, c, oc);
                     packed
                 })
                 .collect()
         })
         .collect();
-    let head: Vec<f32> = (0..VOCAB * C).map(|i| ((i % 11) as f32 - 5.0) * 0.01).collect();
-    let linear_bytes: usize = LAYERS * shapes.iter().map(|(c, oc)| c * oc * 4).sum::<usize>();
-    let head_bytes = head.len() * 4;
+    let head: Vec<W> =
+        (0..VOCAB * C).map(|i| W::from_f32(((i % 11) as f32 - 5.0) * 0.01)).collect();
+    let linear_bytes: usize = LAYERS * shapes.iter().map(|(c, oc)| c * oc * size).sum::<usize>();
+    let head_bytes = head.len() * size;
     let total = linear_bytes + head_bytes;
     let flat: Vec<f32> = vec![1.0; total / 4];
-    let hlayers: Vec<Vec<HugePageBuf>> =
+    let hlayers: Vec<Vec<HugePageBuf<W>>> =
         layers.iter().map(|l| l.iter().map(|w| HugePageBuf::from_slice(w)).collect()).collect();
     let hhead = HugePageBuf::from_slice(&head);
     let x: Vec<f32> = (0..4 * C).map(|i| (i % 7) as f32 * 0.1).collect();
@@ -54,14 +69,13 @@ fn main() {
         huge_kb.split_whitespace().collect::<Vec<_>>().join(" ")
     );
     println!(
-        "{threads} threads, {:.0} MB of weights per decode step ({:.0} MB LM head)",
+        "{threads} threads, {:.0} MB of {} weights per decode step ({:.0} MB LM head)",
         total as f64 / 1e6,
+        std::any::type_name::<W>(),
         head_bytes as f64 / 1e6
     );
-    let plain: Vec<Vec<&[f32]>> =
-        layers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
-    let huge: Vec<Vec<&[f32]>> =
-        hlayers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
+    let plain: Vec<Vec<&[W]>> = layers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
+    let huge: Vec<Vec<&[W]>> = hlayers.iter().map(|l| l.iter().map(|w| &w[..]).collect()).collect();
     for _ in 0..rounds {
         let t0 = Instant::now();
         let s: f32 = std::thread::scope(|sc| {
@@ -75,7 +89,7 @@ fn main() {
         std::hint::black_box(s);
 
         // Seconds of the linear layers, then of the LM head.
-        let mut time = |layers: &[Vec<&[f32]>], head: &[f32]| {
+        let mut time = |layers: &[Vec<&[W]>], head: &[W]| {
             let t0 = Instant::now();
             be.run(|| {
                 for layer in layers {

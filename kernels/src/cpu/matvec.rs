@@ -611,6 +611,14 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
         while i < full {
+            // The next four rows follow these in memory: fetch the part of them that
+            // this step's share of the work covers.
+            let ahead = wp[0].wrapping_add(4 * c + 4 * i).cast::<i8>();
+            for k in (0..64 * std::mem::size_of::<W>()).step_by(64) {
+                // A prefetch does not fault, whatever the address (past the matrix's end on
+                // the last rows).
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k));
+            }
             // SAFETY: i + 16 <= full <= c.
             unsafe {
                 let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
