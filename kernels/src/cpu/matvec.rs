@@ -40,6 +40,8 @@ pub trait Weight: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     fn to_f32(self) -> f32;
     /// The slice itself when the weights are f32.
     fn as_f32(w: &[Self]) -> Option<&[f32]>;
+    /// `out` = `w` as f32 (exact), a vector loop where the CPU has one.
+    fn widen_into(w: &[Self], out: &mut [f32]);
     /// Sixteen consecutive weights as f32 lanes.
     ///
     /// # Safety
@@ -74,6 +76,9 @@ impl Weight for f32 {
     fn as_f32(w: &[Self]) -> Option<&[f32]> {
         Some(w)
     }
+    fn widen_into(w: &[Self], out: &mut [f32]) {
+        out.copy_from_slice(w);
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
@@ -100,6 +105,9 @@ impl Weight for half::f16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn widen_into(w: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(w, out);
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -186,6 +194,18 @@ impl DstTile {
     }
 }
 
+/// Rows from which an f16 panel is widened to f32 once per call (into a per-thread scratch)
+/// rather than converted again for every tile of rows: a prompt's prefill then runs at the
+/// f32 kernels' speed, and since widening is exact the bits are the same. (Converting in
+/// the tile costs little while memory bounds the step, i.e. for a few decode rows; with
+/// hundreds of rows it made an AVX2 prefill 25-40% slower than with f32 weights.)
+const WIDEN_ROWS: usize = 8;
+
+thread_local! {
+    /// The widened panel of [`panel`], reused from call to call.
+    static WIDE_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Every row against one panel (`w` is the panel, (c, wp)).
 fn panel<W: Weight>(
     dst: DstTile,
@@ -196,6 +216,15 @@ fn panel<W: Weight>(
     c: usize,
     wp: usize,
 ) {
+    if rows >= WIDEN_ROWS && W::as_f32(w).is_none() {
+        return WIDE_PANEL.with(|cell| {
+            // Not reentrant: the f32 call below never comes back here.
+            let mut wide = cell.borrow_mut();
+            wide.resize(w.len(), 0.0);
+            W::widen_into(w, &mut wide);
+            panel::<f32>(dst, inp, &wide, bias, rows, c, wp);
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     if wp == PANEL && avx512::available() {
         let mut r0 = 0;
@@ -695,14 +724,15 @@ mod tests {
     #[test]
     fn f16_weights_give_the_defined_sum_of_their_rounded_values() {
         use half::f16;
-        // oc = 200: three full panels (AVX-512 where present) and a narrow one (portable).
-        let (rows, c, oc) = (7, 48, 200);
+        // oc = 200: three full panels (vector kernels) and a narrow one (portable); from
+        // WIDEN_ROWS rows the panels are widened first, below they are converted in the tile.
+        let (rows, c, oc) = (13, 48, 200);
         let (inp, w, b) = (data(rows * c, 6), data(c * oc, 7), data(oc, 8));
         let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let mut packed = vec![f16::ZERO; c * oc];
         pack_in_out(&mut packed, &w, c, oc);
         let want = reference(&inp, &rounded, &b, rows, c, oc);
-        for n in [rows, 1, 6] {
+        for n in [rows, 1, 6, WIDEN_ROWS - 1, WIDEN_ROWS] {
             let mut out = vec![0.0; n * oc];
             pool().install(|| forward_packed(&mut out, &inp[..n * c], &packed, Some(&b), n, c, oc));
             assert_eq!(out, want[..n * oc], "{n} rows");
