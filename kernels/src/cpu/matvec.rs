@@ -789,16 +789,26 @@ mod tests {
             }
             assert_eq!(one, want[..oc], "one row, whole panel (f16: {packed16})");
         }
-        // The (out, in) dots, c = 40: two 16-lane steps and a tail of 8.
+        // The (out, in) dots, c = 40: two 16-lane steps and a tail of 8; f16 rows give the
+        // dots of their rounded values.
         let wt: Vec<f32> = data(4 * c, 12);
+        let ht: Vec<f16> = wt.iter().map(|&v| f16::from_f32(v)).collect();
+        let rt: Vec<f32> = ht.iter().map(|v| v.to_f32()).collect();
         let ws: [&[f32]; 4] = std::array::from_fn(|q| &wt[q * c..(q + 1) * c]);
+        let rs: [&[f32]; 4] = std::array::from_fn(|q| &rt[q * c..(q + 1) * c]);
+        let hs: [&[f16]; 4] = std::array::from_fn(|q| &ht[q * c..(q + 1) * c]);
         for r in 0..rows {
             let x = &inp[r * c..(r + 1) * c];
-            let mut got = [0.0f32; 4];
+            let (mut got, mut got16) = ([0.0f32; 4], [0.0f32; 4]);
             let dst = DstTile { ptr: SendPtr(got.as_mut_ptr()), ld: 4, r0: 0, j0: 0 };
-            // SAFETY: the CPU has the features; `got` is one row of 4.
-            unsafe { avx2::dots(dst, x, ws, c, 4) };
+            let dst16 = DstTile { ptr: SendPtr(got16.as_mut_ptr()), ..dst };
+            // SAFETY: the CPU has the features; `got` and `got16` are one row of 4 each.
+            unsafe {
+                avx2::dots(dst, x, ws, c, 4);
+                avx2::dots(dst16, x, hs, c, 4);
+            }
             assert_eq!(got, dot4(x, ws), "row {r}");
+            assert_eq!(got16, dot4(x, rs), "row {r}, f16 weights");
         }
     }
 
