@@ -216,7 +216,13 @@ fn panel<W: Weight>(
     c: usize,
     wp: usize,
 ) {
-    if rows >= WIDEN_ROWS && W::as_f32(w).is_none() {
+    // The vector tiles read f16 themselves; everywhere else (many rows, a narrow panel, a
+    // CPU without them) an f16 panel is widened once here and the f32 code runs.
+    #[cfg(target_arch = "x86_64")]
+    let tiles = wp == PANEL && (avx512::available() || avx2::available());
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = false;
+    if W::as_f32(w).is_none() && (rows >= WIDEN_ROWS || !tiles) {
         return WIDE_PANEL.with(|cell| {
             // Not reentrant: the f32 call below never comes back here.
             let mut wide = cell.borrow_mut();
@@ -276,7 +282,7 @@ fn panel<W: Weight>(
         }
         return;
     }
-    let w = &widened(w)[..];
+    let w = W::as_f32(w).expect("f16 panels are widened above");
     let mut r0 = 0;
     while r0 < rows {
         let rt = 4.min(rows - r0);
@@ -285,9 +291,8 @@ fn panel<W: Weight>(
     }
 }
 
-/// `w` as f32 for the portable kernels: borrowed when it is f32, else converted (exactly)
-/// into a copy. Only narrow panels, and CPUs without AVX-512 or AVX2, take this detour with
-/// f16 weights.
+/// `w` as f32 for the portable dot products: borrowed when it is f32, else converted
+/// (exactly) into a copy. Only CPUs without AVX-512 or AVX2 take this detour with f16 weights.
 fn widened<W: Weight>(w: &[W]) -> std::borrow::Cow<'_, [f32]> {
     match W::as_f32(w) {
         Some(f) => std::borrow::Cow::Borrowed(f),
