@@ -107,6 +107,19 @@ impl Weight for half::f16 {
         None
     }
     fn widen_into(w: &[Self], out: &mut [f32]) {
+        assert_eq!(w.len(), out.len(), "widen_into: lengths");
+        // `half`'s own slice conversion calls a function per 8 values.
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::available() {
+                // SAFETY: the CPU has AVX-512F; the lengths match.
+                return unsafe { avx512::widen(w, out) };
+            }
+            if avx2::available() {
+                // SAFETY: the CPU has AVX2 and F16C; the lengths match.
+                return unsafe { avx2::widen(w, out) };
+            }
+        }
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(w, out);
     }
     #[cfg(target_arch = "x86_64")]
@@ -194,16 +207,56 @@ impl DstTile {
     }
 }
 
-/// Rows from which an f16 panel is widened to f32 once per call (into a per-thread scratch)
-/// rather than converted again for every tile of rows: a prompt's prefill then runs at the
-/// f32 kernels' speed, and since widening is exact the bits are the same. (Converting in
-/// the tile costs little while memory bounds the step, i.e. for a few decode rows; with
-/// hundreds of rows it made an AVX2 prefill 25-40% slower than with f32 weights.)
-const WIDEN_ROWS: usize = 8;
+/// Weight rows of a panel that every tile of input rows takes in turn before the next
+/// ones: 16 KiB of f32 (8 KiB of f16). With several tiles, the later ones then read the
+/// chunk from L1, where the whole panel (up to 768 KiB) would come again from L2 or memory
+/// for each tile. A tile keeps its partial sums in the output between chunks and resumes
+/// from them, so the sums are the same chains in the same order.
+#[cfg(target_arch = "x86_64")]
+const CHUNK: usize = 64;
 
 thread_local! {
-    /// The widened panel of [`panel`], reused from call to call.
+    /// An f16 chunk (or, on the portable path, panel) widened to f32, reused from call to call.
     static WIDE_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How a tile's accumulators start.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// At the bias (PANEL values; zero without one): the panel's first chunk.
+    Bias(Option<&'a [f32]>),
+    /// At the partial sums the tile stored in the output after the previous chunk.
+    Resume,
+}
+
+/// Weights for a tile to prefetch while it computes: `lines` cache lines of each of its
+/// weight rows, from `ptr` on (rows `lines * 64` bytes apart). The chunk after the current
+/// one sits right after it in memory, also across panels (a task takes its panels in
+/// address order), so the first tile of each chunk fetches the next while the other tiles
+/// compute from L1; the hardware prefetcher alone stops when the demand loads pause.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Ahead {
+    ptr: *const i8,
+    lines: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Ahead {
+    const NONE: Ahead = Ahead { ptr: std::ptr::null(), lines: 0 };
+
+    /// Fetches what weight row `i` of the tile is ahead of.
+    #[inline(always)]
+    fn row(self, i: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let row = self.ptr.wrapping_add(i * self.lines * 64);
+        for l in 0..self.lines {
+            // SAFETY: a prefetch does not fault, whatever the address (past the matrix's
+            // end on its last chunk).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64 * l)) };
+        }
+    }
 }
 
 /// Every row against one panel (`w` is the panel, (c, wp)).
@@ -216,78 +269,179 @@ fn panel<W: Weight>(
     c: usize,
     wp: usize,
 ) {
-    // The vector tiles read f16 themselves; everywhere else (many rows, a narrow panel, a
-    // CPU without them) an f16 panel is widened once here and the f32 code runs.
     #[cfg(target_arch = "x86_64")]
-    let tiles = wp == PANEL && (avx512::available() || avx2::available());
-    #[cfg(not(target_arch = "x86_64"))]
-    let tiles = false;
-    if W::as_f32(w).is_none() && (rows >= WIDEN_ROWS || !tiles) {
-        return WIDE_PANEL.with(|cell| {
-            // Not reentrant: the f32 call below never comes back here.
+    if wp == PANEL {
+        let tiles = if avx512::available() {
+            Some(Tiles::Avx512)
+        } else if avx2::available() {
+            Some(Tiles::Avx2)
+        } else {
+            None
+        };
+        if let Some(t) = tiles {
+            return chunked(t, dst, inp, w, bias, rows, c);
+        }
+    }
+    // A narrow panel, or a CPU without the vector kernels: an f16 panel is widened once here.
+    match W::as_f32(w) {
+        Some(w) => portable_rows(dst, inp, w, bias, rows, c, wp),
+        None => WIDE_PANEL.with(|cell| {
             let mut wide = cell.borrow_mut();
             wide.resize(w.len(), 0.0);
             W::widen_into(w, &mut wide);
-            panel::<f32>(dst, inp, &wide, bias, rows, c, wp);
-        });
+            portable_rows(dst, inp, &wide, bias, rows, c, wp);
+        }),
     }
-    #[cfg(target_arch = "x86_64")]
-    if wp == PANEL && avx512::available() {
-        let mut r0 = 0;
-        while r0 < rows {
-            let rt = MR.min(rows - r0);
-            let d = DstTile { r0, ..dst };
-            let x = &inp[r0 * c..(r0 + rt) * c];
-            // SAFETY: the CPU has AVX-512; the tile is inside `out` and `x`, `w`, `bias` hold
-            // rt rows of c, c rows of PANEL and PANEL values (checked by the slicing above).
-            unsafe {
-                match rt {
-                    6 => avx512::panel_tile::<W, 6>(d, x, w, bias, c),
-                    5 => avx512::panel_tile::<W, 5>(d, x, w, bias, c),
-                    4 => avx512::panel_tile::<W, 4>(d, x, w, bias, c),
-                    3 => avx512::panel_tile::<W, 3>(d, x, w, bias, c),
-                    2 => avx512::panel_tile::<W, 2>(d, x, w, bias, c),
-                    _ => avx512::panel_tile::<W, 1>(d, x, w, bias, c),
-                }
-            }
-            r0 += rt;
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wp == PANEL && avx2::available() {
-        if rows == 1 {
-            // SAFETY: the CPU has AVX2, FMA and F16C; one row of c, a full panel.
-            unsafe { avx2::panel_tile::<W, 1, 8>(dst, &inp[..c], w, 0, bias, c) };
-            return;
-        }
-        // Several rows: half a panel (4 vectors) at a time, so that 3 rows of accumulators,
-        // their broadcast inputs and a weight vector fit the 16 registers.
-        for half in [0, PANEL / 2] {
-            let mut r0 = 0;
-            while r0 < rows {
-                let rt = 3.min(rows - r0);
-                let d = DstTile { r0, j0: dst.j0 + half, ..dst };
-                let x = &inp[r0 * c..(r0 + rt) * c];
-                // SAFETY: as above; columns half..half+32 of the panel.
-                unsafe {
-                    match rt {
-                        3 => avx2::panel_tile::<W, 3, 4>(d, x, w, half, bias, c),
-                        2 => avx2::panel_tile::<W, 2, 4>(d, x, w, half, bias, c),
-                        _ => avx2::panel_tile::<W, 1, 4>(d, x, w, half, bias, c),
-                    }
-                }
-                r0 += rt;
-            }
-        }
-        return;
-    }
-    let w = W::as_f32(w).expect("f16 panels are widened above");
+}
+
+fn portable_rows(
+    dst: DstTile,
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    c: usize,
+    wp: usize,
+) {
     let mut r0 = 0;
     while r0 < rows {
         let rt = 4.min(rows - r0);
         panel_portable(DstTile { r0, ..dst }, inp, w, bias, c, wp, rt);
         r0 += rt;
+    }
+}
+
+/// The vector kernels of this CPU.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Tiles {
+    /// Tiles of up to MR rows against the whole panel.
+    Avx512,
+    /// One row against the whole panel; several rows in tiles of up to 3 against half of it
+    /// (3 rows x 4 vectors of accumulators, their inputs and a weight vector fit 16 registers).
+    Avx2,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles {
+    /// How many tiles read each weight for `rows` rows.
+    fn passes(self, rows: usize) -> usize {
+        match self {
+            Tiles::Avx512 => rows.div_ceil(MR),
+            Tiles::Avx2 if rows == 1 => 1,
+            Tiles::Avx2 => rows.div_ceil(3),
+        }
+    }
+
+    /// Every tile of rows against rows `i0..i0 + n` of the panel; `w` holds those rows.
+    #[allow(clippy::too_many_arguments)]
+    fn run<W: Weight>(
+        self,
+        dst: DstTile,
+        inp: &[f32],
+        w: &[W],
+        rows: usize,
+        c: usize,
+        i0: usize,
+        n: usize,
+        start: Start<'_>,
+        ahead: Ahead,
+    ) {
+        assert!(w.len() >= n * PANEL && i0 + n <= c && inp.len() >= rows * c);
+        // Row r0 of a tile's input, from column i0: the tile reads rt rows of it, c apart.
+        let x = |r0: usize, rt: usize| &inp[r0 * c + i0..(r0 + rt - 1) * c + i0 + n];
+        match self {
+            Tiles::Avx512 => {
+                let mut r0 = 0;
+                while r0 < rows {
+                    let rt = MR.min(rows - r0);
+                    let (d, x) = (DstTile { r0, ..dst }, x(r0, rt));
+                    let first = if r0 == 0 { ahead } else { Ahead::NONE };
+                    // SAFETY: the CPU has AVX-512; the tile is inside `out`, written by this
+                    // task alone; `x`, `w` and a bias hold what the kernel reads (asserted
+                    // and sliced above).
+                    unsafe {
+                        match rt {
+                            6 => avx512::panel_tile::<W, 6>(d, x, c, w, n, start, first),
+                            5 => avx512::panel_tile::<W, 5>(d, x, c, w, n, start, first),
+                            4 => avx512::panel_tile::<W, 4>(d, x, c, w, n, start, first),
+                            3 => avx512::panel_tile::<W, 3>(d, x, c, w, n, start, first),
+                            2 => avx512::panel_tile::<W, 2>(d, x, c, w, n, start, first),
+                            _ => avx512::panel_tile::<W, 1>(d, x, c, w, n, start, first),
+                        }
+                    }
+                    r0 += rt;
+                }
+            }
+            Tiles::Avx2 if rows == 1 => {
+                // SAFETY: the CPU has AVX2, FMA and F16C; as above, one row, a whole panel.
+                unsafe { avx2::panel_tile::<W, 1, 8>(dst, x(0, 1), c, w, 0, n, start, ahead) };
+            }
+            Tiles::Avx2 => {
+                for half in [0, PANEL / 2] {
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let rt = 3.min(rows - r0);
+                        let (d, x) = (DstTile { r0, j0: dst.j0 + half, ..dst }, x(r0, rt));
+                        let first = if r0 + half == 0 { ahead } else { Ahead::NONE };
+                        // SAFETY: as above; columns half..half + 32 of the panel.
+                        unsafe {
+                            match rt {
+                                3 => avx2::panel_tile::<W, 3, 4>(d, x, c, w, half, n, start, first),
+                                2 => avx2::panel_tile::<W, 2, 4>(d, x, c, w, half, n, start, first),
+                                _ => avx2::panel_tile::<W, 1, 4>(d, x, c, w, half, n, start, first),
+                            }
+                        }
+                        r0 += rt;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The panel in chunks of [`CHUNK`] weight rows, every tile of rows through each chunk. An
+/// f16 chunk that more than one tile reads is widened to f32 once (exact, so the same bits);
+/// a single tile converts its weights as it loads them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn chunked<W: Weight>(
+    t: Tiles,
+    dst: DstTile,
+    inp: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    rows: usize,
+    c: usize,
+) {
+    let each = |run: &mut dyn FnMut(usize, usize, Start<'_>)| {
+        for i0 in (0..c).step_by(CHUNK) {
+            let start = if i0 == 0 { Start::Bias(bias) } else { Start::Resume };
+            run(i0, CHUNK.min(c - i0), start);
+        }
+    };
+    // The chunk after rows i0..i0 + n (or the next panel's first).
+    let lines = PANEL * std::mem::size_of::<W>() / 64;
+    let ahead = |i0: usize, n: usize| Ahead {
+        ptr: w.as_ptr().wrapping_add((i0 + n) * PANEL).cast(),
+        lines,
+    };
+    if W::as_f32(w).is_some() || t.passes(rows) == 1 {
+        each(&mut |i0, n, start| {
+            let w = &w[i0 * PANEL..(i0 + n) * PANEL];
+            t.run(dst, inp, w, rows, c, i0, n, start, ahead(i0, n))
+        });
+    } else {
+        WIDE_PANEL.with(|cell| {
+            // Not reentrant: the f32 kernels never come back here.
+            let mut wide = cell.borrow_mut();
+            wide.resize(CHUNK * PANEL, 0.0);
+            each(&mut |i0, n, start| {
+                let wide = &mut wide[..n * PANEL];
+                W::widen_into(&w[i0 * PANEL..(i0 + n) * PANEL], wide);
+                t.run::<f32>(dst, inp, wide, rows, c, i0, n, start, ahead(i0, n));
+            });
+        });
     }
 }
 
@@ -375,6 +529,16 @@ fn dots_block<W: Weight>(
         let n = 4.min(j1 - j);
         let wr: [&[W]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
         let dst = DstTile { ptr: op, ld: oc, r0: 0, j0: j };
+        // The next four weight rows follow these in memory; the first tile of input rows
+        // fetches them as it goes (rows of 768 halves are too short for the hardware
+        // prefetcher to get ahead).
+        #[cfg(target_arch = "x86_64")]
+        let next = Ahead {
+            ptr: w.as_ptr().wrapping_add((j + 4) * c).cast(),
+            lines: std::mem::size_of::<W>(),
+        };
+        #[cfg(target_arch = "x86_64")]
+        let ahead = |r0: usize| if r0 == 0 { next } else { Ahead::NONE };
         let mut r0 = 0;
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
@@ -386,10 +550,10 @@ fn dots_block<W: Weight>(
                 // this task alone writes columns j0..j1.
                 unsafe {
                     match rt {
-                        4 => avx512::dots::<W, 4>(d, x, wr, c, n),
-                        3 => avx512::dots::<W, 3>(d, x, wr, c, n),
-                        2 => avx512::dots::<W, 2>(d, x, wr, c, n),
-                        _ => avx512::dots::<W, 1>(d, x, wr, c, n),
+                        4 => avx512::dots::<W, 4>(d, x, wr, c, n, ahead(r0)),
+                        3 => avx512::dots::<W, 3>(d, x, wr, c, n, ahead(r0)),
+                        2 => avx512::dots::<W, 2>(d, x, wr, c, n, ahead(r0)),
+                        _ => avx512::dots::<W, 1>(d, x, wr, c, n, ahead(r0)),
                     }
                 }
                 r0 += rt;
@@ -400,7 +564,7 @@ fn dots_block<W: Weight>(
             while r0 < rows {
                 let x = &inp[r0 * c..(r0 + 1) * c];
                 // SAFETY: the CPU has AVX2, FMA and F16C; as for AVX-512 above.
-                unsafe { avx2::dots(DstTile { r0, ..dst }, x, wr, c, n) };
+                unsafe { avx2::dots(DstTile { r0, ..dst }, x, wr, c, n, ahead(r0)) };
                 r0 += 1;
             }
         }
@@ -463,7 +627,7 @@ fn finish_dot<W: Weight>(lanes: &[f32; LANES], x: &[f32], w: &[W], full: usize) 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{finish_dot, DstTile, Weight, LANES, PANEL};
+    use super::{finish_dot, Ahead, DstTile, Start, Weight, LANES, PANEL};
 
     /// Whether the CPU runs the kernels of this module (cached by std after the first call).
     #[inline]
@@ -471,30 +635,59 @@ mod avx512 {
         std::arch::is_x86_feature_detected!("avx512f")
     }
 
-    /// `R` rows of `x` (R, c) against a full panel `w` (c, PANEL), into `dst`.
+    /// `out` = `w` widened (exactly).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `out` is as long as `w`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen(w: &[half::f16], out: &mut [f32]) {
+        let full = w.len() - w.len() % 16;
+        for i in (0..full).step_by(16) {
+            // SAFETY: i + 16 <= full <= both lengths.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i), Weight::load16(w.as_ptr().add(i))) };
+        }
+        for i in full..w.len() {
+            out[i] = w[i].to_f32();
+        }
+    }
+
+    /// `R` rows of `x` (row r from `r * xs`) against `n` rows of a full panel `w`
+    /// (n, PANEL), into `dst`: from `start`, one fused multiply-add per weight row in order.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `dst` covers R rows of PANEL columns written by this call
-    /// alone; `x`, `w` and `bias` have R*c, c*PANEL and PANEL elements.
+    /// alone; `x` has (R - 1) * xs + n elements, `w` n * PANEL, and a bias PANEL.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn panel_tile<W: Weight, const R: usize>(
         dst: DstTile,
         x: &[f32],
+        xs: usize,
         w: &[W],
-        bias: Option<&[f32]>,
-        c: usize,
+        n: usize,
+        start: Start<'_>,
+        ahead: Ahead,
     ) {
-        debug_assert!(x.len() >= R * c && w.len() >= c * PANEL);
+        debug_assert!(x.len() >= (R - 1) * xs + n && w.len() >= n * PANEL);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        if let Some(b) = bias {
-            // SAFETY: `b` has PANEL = 64 values.
-            let bv: [__m512; 4] =
-                std::array::from_fn(|q| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * q)) });
-            acc = [bv; R];
+        match start {
+            Start::Bias(Some(b)) => {
+                // SAFETY: `b` has PANEL = 64 values.
+                let bv: [__m512; 4] =
+                    std::array::from_fn(|q| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * q)) });
+                acc = [bv; R];
+            }
+            Start::Bias(None) => {}
+            Start::Resume => {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: (r, 16q..16q+16) is inside the tile.
+                    *a = std::array::from_fn(|q| unsafe { _mm512_loadu_ps(dst.at(r, 16 * q)) });
+                }
+            }
         }
-        for i in 0..c {
-            // SAFETY: i < c, so the row i*PANEL.. of the panel and element (r, i) of x exist.
+        for i in 0..n {
+            ahead.row(i);
+            // SAFETY: i < n, so the row i*PANEL.. of `w` and element (r, i) of x exist.
             unsafe {
                 let row = wp.add(i * PANEL);
                 let w0 = W::load16(row);
@@ -502,7 +695,7 @@ mod avx512 {
                 let w2 = W::load16(row.add(32));
                 let w3 = W::load16(row.add(48));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*xp.add(r * c + i));
+                    let xv = _mm512_set1_ps(*xp.add(r * xs + i));
                     a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
                     a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
                     a[2] = _mm512_fmadd_ps(xv, w2, a[2]);
@@ -531,6 +724,7 @@ mod avx512 {
         w: [&[W]; 4],
         c: usize,
         n: usize,
+        ahead: Ahead,
     ) {
         let full = c - c % LANES;
         let xp = x.as_ptr();
@@ -538,6 +732,8 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut i = 0;
         while i < full {
+            // As much of the next rows as this step reads of these.
+            ahead.row(i / LANES);
             // SAFETY: i + 16 <= full <= c.
             unsafe {
                 let wv: [__m512; 4] = std::array::from_fn(|q| W::load16(wp[q].add(i)));
@@ -569,7 +765,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{finish_dot, DstTile, Weight, LANES, PANEL};
+    use super::{finish_dot, Ahead, DstTile, Start, Weight, LANES, PANEL};
 
     /// Whether the CPU runs the kernels of this module (cached by std after the first call).
     #[inline]
@@ -579,36 +775,66 @@ mod avx2 {
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
-    /// `R` rows of `x` (R, c) against columns `col..col + 8V` of a full panel `w`
-    /// (c, PANEL), into columns 0..8V of `dst`.
+    /// `out` = `w` widened (exactly).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `out` is as long as `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn widen(w: &[half::f16], out: &mut [f32]) {
+        let full = w.len() - w.len() % 8;
+        for i in (0..full).step_by(8) {
+            // SAFETY: i + 8 <= full <= both lengths.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), Weight::load8(w.as_ptr().add(i))) };
+        }
+        for i in full..w.len() {
+            out[i] = w[i].to_f32();
+        }
+    }
+
+    /// `R` rows of `x` (row r from `r * xs`) against columns `col..col + 8V` of `n` rows of
+    /// a full panel `w` (n, PANEL), into columns 0..8V of `dst`, from `start`.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `col + 8V <= PANEL`; `dst` covers R rows of 8V
-    /// columns written by this call alone; `x`, `w` and `bias` have R*c, c*PANEL and PANEL
-    /// elements.
+    /// columns written by this call alone; `x` has (R - 1) * xs + n elements, `w` n * PANEL,
+    /// and a bias PANEL.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn panel_tile<W: Weight, const R: usize, const V: usize>(
         dst: DstTile,
         x: &[f32],
+        xs: usize,
         w: &[W],
         col: usize,
-        bias: Option<&[f32]>,
-        c: usize,
+        n: usize,
+        start: Start<'_>,
+        ahead: Ahead,
     ) {
-        debug_assert!(x.len() >= R * c && w.len() >= c * PANEL && col + 8 * V <= PANEL);
+        debug_assert!(x.len() >= (R - 1) * xs + n && w.len() >= n * PANEL && col + 8 * V <= PANEL);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); V]; R];
-        if let Some(b) = bias {
-            // SAFETY: `b` has PANEL values and col + 8V <= PANEL.
-            let bv: [__m256; V] =
-                std::array::from_fn(|q| unsafe { _mm256_loadu_ps(b.as_ptr().add(col + 8 * q)) });
-            acc = [bv; R];
+        match start {
+            Start::Bias(Some(b)) => {
+                // SAFETY: `b` has PANEL values and col + 8V <= PANEL.
+                let bv: [__m256; V] = std::array::from_fn(|q| unsafe {
+                    _mm256_loadu_ps(b.as_ptr().add(col + 8 * q))
+                });
+                acc = [bv; R];
+            }
+            Start::Bias(None) => {}
+            Start::Resume => {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: (r, 8q..8q+8) is inside the tile.
+                    *a = std::array::from_fn(|q| unsafe { _mm256_loadu_ps(dst.at(r, 8 * q)) });
+                }
+            }
         }
-        for i in 0..c {
-            // SAFETY: i < c, so the row i*PANEL.. of the panel and element (r, i) of x exist.
+        for i in 0..n {
+            ahead.row(i);
+            // SAFETY: i < n, so the row i*PANEL.. of `w` and element (r, i) of x exist.
             unsafe {
                 let row = wp.add(i * PANEL + col);
-                let xv: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*xp.add(r * c + i)));
+                let xv: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*xp.add(r * xs + i)));
                 for q in 0..V {
                     let wv = W::load8(row.add(8 * q));
                     for (a, &x) in acc.iter_mut().zip(&xv) {
@@ -638,6 +864,7 @@ mod avx2 {
         w: [&[W]; 4],
         c: usize,
         n: usize,
+        ahead: Ahead,
     ) {
         let full = c - c % LANES;
         let xp = x.as_ptr();
@@ -645,14 +872,8 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
         while i < full {
-            // The next four rows follow these in memory: fetch the part of them that
-            // this step's share of the work covers.
-            let ahead = wp[0].wrapping_add(4 * c + 4 * i).cast::<i8>();
-            for k in (0..64 * std::mem::size_of::<W>()).step_by(64) {
-                // A prefetch does not fault, whatever the address (past the matrix's end on
-                // the last rows).
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k));
-            }
+            // As much of the next rows as this step reads of these.
+            ahead.row(i / LANES);
             // SAFETY: i + 16 <= full <= c.
             unsafe {
                 let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
@@ -707,13 +928,13 @@ mod tests {
 
     #[test]
     fn packed_has_the_bits_of_the_defined_sum_for_any_row_count() {
-        for (c, oc) in [(32, 96), (48, 200), (64, 128), (17, 64)] {
+        for (c, oc) in [(32, 96), (48, 200), (64, 128), (17, 64), (150, 128)] {
             let rows = 13;
             let (inp, w, b) = (data(rows * c, 1), data(c * oc, 2), data(oc, 3));
             let mut packed = vec![0.0; c * oc];
             pack_in_out(&mut packed, &w, c, oc);
             let want = reference(&inp, &w, &b, rows, c, oc);
-            for n in [rows, 1, 2, 5, 6, 7] {
+            for n in [rows, 1, 2, 5, 6, 7, 12] {
                 let mut out = vec![0.0; n * oc];
                 let x = &inp[..n * c];
                 pool().install(|| forward_packed(&mut out, x, &packed, Some(&b), n, c, oc));
@@ -729,15 +950,16 @@ mod tests {
     #[test]
     fn f16_weights_give_the_defined_sum_of_their_rounded_values() {
         use half::f16;
-        // oc = 200: three full panels (vector kernels) and a narrow one (portable); from
-        // WIDEN_ROWS rows the panels are widened first, below they are converted in the tile.
-        let (rows, c, oc) = (13, 48, 200);
+        // oc = 200: three full panels (vector kernels) and a narrow one (portable); c = 150:
+        // three chunks. With more rows than one tile takes, each chunk is widened first;
+        // with fewer, the tile converts as it loads.
+        let (rows, c, oc) = (13, 150, 200);
         let (inp, w, b) = (data(rows * c, 6), data(c * oc, 7), data(oc, 8));
         let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let mut packed = vec![f16::ZERO; c * oc];
         pack_in_out(&mut packed, &w, c, oc);
         let want = reference(&inp, &rounded, &b, rows, c, oc);
-        for n in [rows, 1, 6, WIDEN_ROWS - 1, WIDEN_ROWS] {
+        for n in [rows, 1, 3, 4, 6, 7, 8] {
             let mut out = vec![0.0; n * oc];
             pool().install(|| forward_packed(&mut out, &inp[..n * c], &packed, Some(&b), n, c, oc));
             assert_eq!(out, want[..n * oc], "{n} rows");
@@ -760,7 +982,10 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
             return;
         }
-        let (rows, c, oc) = (3, 40, PANEL);
+        // One panel through the AVX2 tiles as `panel` runs them: c = 150 is three chunks
+        // (64, 64, 22), so the tiles resume from stored sums; from 4 rows on, several tiles
+        // share a chunk and f16 chunks are widened first.
+        let (rows, c, oc) = (7, 150, PANEL);
         let (inp, w, b) = (data(rows * c, 9), data(c * oc, 10), data(oc, 11));
         let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let (mut p32, mut p16) = (vec![0.0f32; c * oc], vec![f16::ZERO; c * oc]);
@@ -768,32 +993,19 @@ mod tests {
         pack_in_out(&mut p16, &w, c, oc);
         for (weights, packed16) in [(&w, false), (&rounded, true)] {
             let want = reference(&inp, weights, &b, rows, c, oc);
-            let mut out = vec![0.0; rows * oc];
-            let dst = DstTile { ptr: SendPtr(out.as_mut_ptr()), ld: oc, r0: 0, j0: 0 };
-            let half = DstTile { j0: PANEL / 2, ..dst };
-            // SAFETY: the CPU has the features; `out` is rows x PANEL, written here alone.
-            unsafe {
+            for n in [1, 2, 3, 4, 7] {
+                let mut out = vec![0.0; n * oc];
+                let dst = DstTile { ptr: SendPtr(out.as_mut_ptr()), ld: oc, r0: 0, j0: 0 };
+                let x = &inp[..n * c];
                 if packed16 {
-                    avx2::panel_tile::<f16, 3, 4>(dst, &inp, &p16, 0, Some(&b), c);
-                    avx2::panel_tile::<f16, 3, 4>(half, &inp, &p16, PANEL / 2, Some(&b), c);
+                    chunked(Tiles::Avx2, dst, x, &p16, Some(&b), n, c);
                 } else {
-                    avx2::panel_tile::<f32, 3, 4>(dst, &inp, &p32, 0, Some(&b), c);
-                    avx2::panel_tile::<f32, 3, 4>(half, &inp, &p32, PANEL / 2, Some(&b), c);
+                    chunked(Tiles::Avx2, dst, x, &p32, Some(&b), n, c);
                 }
+                assert_eq!(out, want[..n * oc], "{n} rows (f16: {packed16})");
             }
-            assert_eq!(out, want, "three rows, half panels (f16: {packed16})");
-            let mut one = vec![0.0; oc];
-            let dst = DstTile { ptr: SendPtr(one.as_mut_ptr()), ld: oc, r0: 0, j0: 0 };
-            // SAFETY: as above, one row.
-            unsafe {
-                if packed16 {
-                    avx2::panel_tile::<f16, 1, 8>(dst, &inp[..c], &p16, 0, Some(&b), c);
-                } else {
-                    avx2::panel_tile::<f32, 1, 8>(dst, &inp[..c], &p32, 0, Some(&b), c);
-                }
-            }
-            assert_eq!(one, want[..oc], "one row, whole panel (f16: {packed16})");
         }
+        let c = 40;
         // The (out, in) dots, c = 40: two 16-lane steps and a tail of 8; f16 rows give the
         // dots of their rounded values.
         let wt: Vec<f32> = data(4 * c, 12);
@@ -809,8 +1021,8 @@ mod tests {
             let dst16 = DstTile { ptr: SendPtr(got16.as_mut_ptr()), ..dst };
             // SAFETY: the CPU has the features; `got` and `got16` are one row of 4 each.
             unsafe {
-                avx2::dots(dst, x, ws, c, 4);
-                avx2::dots(dst16, x, hs, c, 4);
+                avx2::dots(dst, x, ws, c, 4, Ahead::NONE);
+                avx2::dots(dst16, x, hs, c, 4, Ahead::NONE);
             }
             assert_eq!(got, dot4(x, ws), "row {r}");
             assert_eq!(got16, dot4(x, rs), "row {r}, f16 weights");
