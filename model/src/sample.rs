@@ -117,9 +117,7 @@ fn walk(dist: &[(u32, f32)], u: f64) -> u32 {
 
 /// Log-softmax of `logits` at `token`.
 pub fn logprob(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let lse = max as f64 + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln();
-    (logits[token as usize] as f64 - lse) as f32
+    logits[token as usize] - ferrite_kernels::cpu::log_sum_exp(logits)
 }
 
 /// Samples the token at sequence position `position`; `scratch` is reused between calls.
@@ -161,14 +159,25 @@ pub fn sample(
 /// nucleus, then the token where the cumulative weight in rank order passes u.
 fn draw_unsorted(c: &mut [(u32, f32)], top_p: f32, u: f64) -> u32 {
     let max = c.iter().fold(f32::NEG_INFINITY, |m, e| m.max(e.1));
-    let kept = if top_p < 1.0 {
-        prefix_reaching(c, max, top_p as f64, false).map_or(c.len(), |m| m)
-    } else {
-        c.len()
+    let nucleus = if top_p < 1.0 { crossing(c, max, top_p as f64, false) } else { None };
+    let kept = match nucleus {
+        Some((m, last)) => {
+            // The nucleus to the front: every candidate ranked at or before its last one.
+            let mut front = 0;
+            for i in 0..c.len() {
+                if by_rank(&c[i], &last).is_le() {
+                    c.swap(i, front);
+                    front += 1;
+                }
+            }
+            debug_assert_eq!(front, m);
+            m
+        }
+        None => c.len(),
     };
-    let c = &mut c[..kept];
-    match prefix_reaching(c, max, u, true) {
-        Some(m) => c[m - 1].0,
+    let c = &c[..kept];
+    match crossing(c, max, u, true) {
+        Some((_, t)) => t.0,
         // Rounding left the draw past every token: the least likely, as `walk` does.
         None => c.iter().copied().max_by(by_rank).expect("non-empty").0,
     }
@@ -180,56 +189,42 @@ const BUCKETS_PER_UNIT: f32 = 256.0;
 
 /// For candidates (token, scaled logit) with weights exp(logit - max): the smallest m such
 /// that the weight of the m best in rank order reaches `frac` of the total (exceeds it when
-/// `strict`). Rearranges `c` so that those m come first, the m-th best last among them.
-/// None when no prefix does (rounding, with `frac` near 1).
+/// `strict`), and the m-th best. None when no prefix does (rounding, with `frac` near 1).
 ///
 /// Candidates are bucketed by logit (buckets are ordered like the ranks); only the bucket
-/// where the cumulative weight crosses is sorted.
-fn prefix_reaching(c: &mut [(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<usize> {
+/// where the cumulative weight crosses is gathered and sorted. (Moving every candidate of
+/// the better buckets to the front instead cost a mispredicted branch per candidate.)
+fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usize, (u32, f32))> {
     let key = |v: f32| (((max - v) * BUCKETS_PER_UNIT) as usize).min(BUCKETS - 1);
     let weight = |v: f32| (v - max).exp() as f64;
     let mut mass = vec![0.0f64; BUCKETS];
     let mut count = vec![0u32; BUCKETS];
-    for e in c.iter() {
+    for e in c {
         let k = key(e.1);
         mass[k] += weight(e.1);
         count[k] += 1;
     }
     let target = frac * mass.iter().sum::<f64>();
     let crosses = |acc: f64| if strict { acc > target } else { acc >= target };
-    let mut acc = 0.0f64;
+    let (mut acc, mut before) = (0.0f64, 0usize);
     let kb = (0..BUCKETS).find(|&k| {
         if count[k] > 0 && crosses(acc + mass[k]) {
             return true;
         }
         acc += mass[k];
+        before += count[k] as usize;
         false
     })?;
-    // The better buckets to the front, then the crossing one.
-    let mut front = 0;
-    for i in 0..c.len() {
-        if key(c[i].1) < kb {
-            c.swap(i, front);
-            front += 1;
-        }
-    }
-    let mut end = front;
-    for i in front..c.len() {
-        if key(c[i].1) == kb {
-            c.swap(i, end);
-            end += 1;
-        }
-    }
-    let bucket = &mut c[front..end];
+    let mut bucket: Vec<(u32, f32)> = c.iter().copied().filter(|e| key(e.1) == kb).collect();
     bucket.sort_unstable_by(by_rank);
-    for (j, e) in bucket.iter().enumerate() {
+    for (j, &e) in bucket.iter().enumerate() {
         acc += weight(e.1);
         if crosses(acc) {
-            return Some(front + j + 1);
+            return Some((before + j + 1, e));
         }
     }
     // The bucket's total crossed but its terms added one by one did not (rounding).
-    Some(end)
+    bucket.last().map(|&e| (before + bucket.len(), e))
 }
 
 #[cfg(test)]
@@ -317,6 +312,19 @@ mod tests {
                     assert_eq!(got, want, "T={temperature} k={top_k} p={top_p} seed={seed}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn logprob_is_the_log_softmax() {
+        let mut rng = Rng::new(9);
+        let logits: Vec<f32> = (0..50_257).map(|_| (rng.next_f64() as f32 - 0.5) * 12.0).collect();
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        for t in [0u32, 17, 50_256] {
+            let want = logits[t as usize] as f64 - lse;
+            let got = logprob(&logits, t) as f64;
+            assert!((got - want).abs() < 1e-5, "token {t}: {got} vs {want}");
         }
     }
 

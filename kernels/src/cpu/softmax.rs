@@ -28,6 +28,19 @@ math::multiversion! {
     }
 }
 
+math::multiversion! {
+    /// ln Σ e^x, leaving `x` as it is (-inf when empty): the max, then the exponentials
+    /// summed in lanes. For the log-probability of a sampled token over a whole vocabulary,
+    /// where libm's `exp` per element cost a quarter of a millisecond.
+    pub fn log_sum_exp(x: &[f32]) -> f32 {
+        let max = math::max(x);
+        if max == f32::NEG_INFINITY {
+            return max;
+        }
+        max + math::fold_lanes(x, 0.0, |a, v| a + math::exp(v - max), |a, b| a + b).ln()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +56,7 @@ mod tests {
             for (pi, xi) in p.iter().zip(&x) {
                 assert!((*pi as f64 - (*xi as f64 - lse).exp()).abs() < 1e-6, "n={n}");
             }
+            assert_eq!(log_sum_exp(&x), got, "n={n}: the same sum as softmax's");
             let mut e = x.clone();
             exp_shifted(&mut e, got);
             for (ei, pi) in e.iter().zip(&p) {
