@@ -1,7 +1,7 @@
 //! Attention against a KV cache (`cpu::attention_cached`) against a naive f64 reference, and
 //! its promise: a row's bits do not depend on how the new positions are cut into calls.
 
-use ferrite_kernels::cpu::{attention_cached, CachedSeq};
+use ferrite_kernels::cpu::{attention_cached, key_cache_len, store_keys, CachedSeq};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
@@ -15,7 +15,8 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// (keys, c) position-major rows as a head-major cache of `cap` positions, (nh, cap, hs).
+/// (keys, c) position-major rows as a head-major cache of `cap` positions: values
+/// (nh, cap, hs).
 fn head_major(x: &[f32], keys: usize, cap: usize, c: usize, nh: usize) -> Vec<f32> {
     let hs = c / nh;
     let mut out = vec![0.0; nh * cap * hs];
@@ -27,13 +28,24 @@ fn head_major(x: &[f32], keys: usize, cap: usize, c: usize, nh: usize) -> Vec<f3
     out
 }
 
+/// The same keys as the cache stores them (`store_keys`).
+fn key_cache(x: &[f32], keys: usize, cap: usize, c: usize, nh: usize) -> Vec<f32> {
+    let mut out = vec![0.0; key_cache_len(cap, c)];
+    for j in 0..keys {
+        store_keys(&mut out, cap, nh, j, &x[j * c..(j + 1) * c]);
+    }
+    out
+}
+
 #[test]
 fn cached_attention_matches_naive_and_chunking_keeps_the_bits() {
-    let (c, nh, past, rows, cap) = (48, 3, 5, 37, 50);
+    // 150 keys: two full blocks of 64 keys and a partial one; heads of 64 (the value sums
+    // in registers).
+    let (c, nh, past, rows, cap) = (128, 2, 5, 145, 160);
     let hs = c / nh;
     let keys = past + rows;
     let (q, k, v) = (data(rows * c, 1), data(keys * c, 2), data(keys * c, 3));
-    let (kc, vc) = (head_major(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh));
+    let (kc, vc) = (key_cache(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh));
     let seq = |past: usize, rows: usize| CachedSeq { k: &kc, v: &vc, cap, past, row0: 0, rows };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let mut all = vec![0.0; rows * c];
@@ -58,7 +70,7 @@ fn cached_attention_matches_naive_and_chunking_keeps_the_bits() {
     // The same positions fed in three calls (as chunked prefill, then decoding) agree bitwise.
     let mut chunked = vec![0.0; rows * c];
     let mut at = 0;
-    for n in [20, 16, 1] {
+    for n in [60, 70, 14, 1] {
         let out = &mut chunked[at * c..(at + n) * c];
         let qs = &q[at * c..(at + n) * c];
         pool.install(|| attention_cached(out, qs, &[seq(past + at, n)], c, nh));
@@ -69,16 +81,16 @@ fn cached_attention_matches_naive_and_chunking_keeps_the_bits() {
 
 #[test]
 fn sequences_batched_in_one_call_get_the_bits_they_get_alone() {
-    let (c, nh, cap) = (32, 4, 40);
+    let (c, nh, cap) = (32, 4, 120);
     // (past, new rows) of three sequences with caches of their own.
-    let shapes = [(7, 1), (0, 19), (30, 3)];
+    let shapes = [(7, 1), (0, 19), (30, 3), (100, 17)];
     let caches: Vec<(Vec<f32>, Vec<f32>)> = shapes
         .iter()
         .enumerate()
         .map(|(i, &(p, n))| {
             let keys = p + n;
             let (k, v) = (data(keys * c, 10 + i as u64), data(keys * c, 20 + i as u64));
-            (head_major(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh))
+            (key_cache(&k, keys, cap, c, nh), head_major(&v, keys, cap, c, nh))
         })
         .collect();
     let total: usize = shapes.iter().map(|s| s.1).sum();

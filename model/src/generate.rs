@@ -15,7 +15,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferrite_kernels::cpu::{attention_cached, f16, matvec, CachedSeq, HugePageBuf, Weight};
+use ferrite_kernels::cpu::{
+    attention_cached, f16, key_cache_len, matvec, store_keys, CachedSeq, HugePageBuf, Weight,
+};
 use ferrite_kernels::{Backend, CpuBackend};
 use rayon::prelude::*;
 
@@ -155,9 +157,10 @@ impl DecodeModel {
         }
     }
 
-    /// Bytes of a KV cache of `cap` positions.
+    /// Bytes of a KV cache of `cap` positions (the keys in whole blocks of positions).
     pub fn kv_bytes(&self, cap: usize) -> usize {
-        2 * self.cfg.n_layer * cap * self.cfg.n_embd * std::mem::size_of::<f32>()
+        let c = self.cfg.n_embd;
+        self.cfg.n_layer * (key_cache_len(cap, c) + cap * c) * std::mem::size_of::<f32>()
     }
 
     fn place(&self, t: Tensor) -> Place {
@@ -240,8 +243,8 @@ impl Packer<'_> {
 
 /// One sequence's keys and values; positions 0..len are filled.
 pub struct KvCache {
-    /// (layers, heads, cap, head size): each head's positions contiguous (see
-    /// `ferrite_kernels::cpu::attention_cached`).
+    /// Keys (layers, then `cpu::store_keys`'s blocks) and values (layers, heads, cap, head
+    /// size): each head's cache contiguous (see `ferrite_kernels::cpu::attention_cached`).
     k: Vec<f32>,
     v: Vec<f32>,
     cap: usize,
@@ -252,8 +255,8 @@ impl KvCache {
     /// A cache for up to `cap` positions (at most the model's context).
     pub fn new(cfg: &GptConfig, cap: usize) -> Self {
         let cap = cap.clamp(1, cfg.block_size);
-        let n = cfg.n_layer * cap * cfg.n_embd;
-        KvCache { k: vec![0.0; n], v: vec![0.0; n], cap, len: 0 }
+        let (c, l) = (cfg.n_embd, cfg.n_layer);
+        KvCache { k: vec![0.0; l * key_cache_len(cap, c)], v: vec![0.0; l * cap * c], cap, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -275,7 +278,13 @@ impl KvCache {
 
     /// Whether this is a cache of exactly `cap` positions for a model of `cfg`'s shape.
     pub fn fits(&self, cfg: &GptConfig, cap: usize) -> bool {
-        self.cap == cap && self.k.len() == cfg.n_layer * cap * cfg.n_embd
+        self.cap == cap && self.shaped_for(cfg)
+    }
+
+    /// Whether the buffers are those of a model of `cfg`'s shape (for this cache's `cap`).
+    fn shaped_for(&self, cfg: &GptConfig) -> bool {
+        let (c, l) = (cfg.n_embd, cfg.n_layer);
+        self.k.len() == l * key_cache_len(self.cap, c) && self.v.len() == l * self.cap * c
     }
 }
 
@@ -367,7 +376,7 @@ impl BatchDecoder {
                     s.kv.cap
                 )));
             }
-            if s.kv.k.len() != cfg.n_layer * s.kv.cap * cfg.n_embd {
+            if !s.kv.shaped_for(cfg) {
                 return Err(ModelError::Shape("KV cache made for another model shape".into()));
             }
         }
@@ -427,12 +436,14 @@ fn forward(
         for sq in seqs.iter_mut() {
             let (kv, t) = (&mut *sq.kv, sq.tokens.len());
             let base = l * kv.cap * c;
+            let kl = key_cache_len(kv.cap, c);
             for i in 0..t {
                 let src = &s.qkv[(r0 + i) * 3 * c..(r0 + i + 1) * 3 * c];
                 s.q[(r0 + i) * c..(r0 + i + 1) * c].copy_from_slice(&src[..c]);
+                let pos = kv.len + i;
+                store_keys(&mut kv.k[l * kl..(l + 1) * kl], kv.cap, nh, pos, &src[c..2 * c]);
                 for h in 0..nh {
-                    let at = base + (h * kv.cap + kv.len + i) * hs;
-                    kv.k[at..at + hs].copy_from_slice(&src[c + h * hs..][..hs]);
+                    let at = base + (h * kv.cap + pos) * hs;
                     kv.v[at..at + hs].copy_from_slice(&src[2 * c + h * hs..][..hs]);
                 }
             }
@@ -443,8 +454,9 @@ fn forward(
             .iter()
             .map(|sq| {
                 let (kv, rows) = (&*sq.kv, sq.tokens.len());
-                let layer = l * kv.cap * c..(l + 1) * kv.cap * c;
-                let (k, v) = (&kv.k[layer.clone()], &kv.v[layer]);
+                let kl = key_cache_len(kv.cap, c);
+                let k = &kv.k[l * kl..(l + 1) * kl];
+                let v = &kv.v[l * kv.cap * c..(l + 1) * kv.cap * c];
                 let seq = CachedSeq { k, v, cap: kv.cap, past: kv.len, row0, rows };
                 row0 += rows;
                 seq
