@@ -203,6 +203,9 @@ math::multiversion! {
         for j0 in (0..keys).step_by(KEY_BLOCK) {
             for r in 0..rn {
                 let n = KEY_BLOCK.min(visible(r).saturating_sub(j0));
+                if n == 0 {
+                    continue;
+                }
                 let p = &s[r * keys + j0..][..n];
                 let vs = v[j0 * hs..].chunks_exact(hs);
                 let o = o(r);
