@@ -499,8 +499,9 @@ math::multiversion! {
 
 /// out (rows, oc) = inp (rows, c) @ w^T for w (oc, c) row-major (`WeightLayout::OutIn`, the
 /// tied LM head). Element (r, j) is a 16-lane fused dot product of input row r and weight
-/// row j: lane l sums the terms i ≡ l (mod 16) in increasing i, the lanes are added in
-/// order, then the terms past the last multiple of 16 (summed in order) are added.
+/// row j: lane l sums the terms i ≡ l (mod 16) in increasing i, the lanes are added as a
+/// tree (lane l and l + 8, then l and l + 4 of those, l and l + 2, and the last two), then
+/// the terms past the last multiple of 16 (summed in order) are added.
 pub fn forward_out_in<W: Weight>(
     out: &mut [f32],
     inp: &[f32],
@@ -620,14 +621,18 @@ fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
-/// The lanes of a dot product added in order, then its tail terms `full..` (in order).
+/// The lanes of a dot product added as a tree (halves, as wide vectors add them: four
+/// dependent adds rather than fifteen), then its tail terms `full..` (in order).
 #[inline(always)]
 fn finish_dot<W: Weight>(lanes: &[f32; LANES], x: &[f32], w: &[W], full: usize) -> f32 {
     let mut tail = 0.0f32;
     for k in full..x.len() {
         tail = x[k].mul_add(w[k].to_f32(), tail);
     }
-    lanes.iter().fold(0.0f32, |s, &a| s + a) + tail
+    let l8: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[l + 8]);
+    let l4: [f32; 4] = std::array::from_fn(|l| l8[l] + l8[l + 4]);
+    let l2: [f32; 2] = std::array::from_fn(|l| l4[l] + l4[l + 2]);
+    (l2[0] + l2[1]) + tail
 }
 
 #[cfg(target_arch = "x86_64")]
