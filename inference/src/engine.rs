@@ -538,10 +538,10 @@ impl Scheduler {
         if inputs.is_empty() {
             return;
         }
-        let result = self.decoder.step(&model.model, &mut inputs);
+        let result = self.decoder.step_rows(&model.model, &mut inputs);
         drop(inputs);
-        let logits = match result {
-            Ok(l) => l,
+        match result {
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "decode step failed");
                 for &(i, _) in &members {
@@ -552,7 +552,7 @@ impl Scheduler {
                 self.remove(&failed);
                 return;
             }
-        };
+        }
         // Members are in increasing index order, as are their rows of logits.
         let wanting: Vec<usize> = members.iter().filter(|m| m.1).map(|m| m.0).collect();
         let mut seqs: Vec<&mut Sequence> = self
@@ -562,7 +562,7 @@ impl Scheduler {
             .filter(|(i, _)| wanting.binary_search(i).is_ok())
             .map(|(_, a)| &mut a.seq)
             .collect();
-        let sampled = self.decoder.sample(&mut seqs, &logits);
+        let sampled = self.decoder.sample_rows(&mut seqs);
         drop(seqs);
         let mut finished = Vec::new();
         for (&i, s) in wanting.iter().zip(sampled) {

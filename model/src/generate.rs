@@ -341,12 +341,17 @@ impl Scratch {
 pub struct BatchDecoder {
     be: Arc<CpuBackend>,
     s: Scratch,
+    /// Rows of logits the last step left in `s.logits`, their stride and their length.
+    rows: usize,
+    vp: usize,
+    vocab: usize,
 }
 
 impl BatchDecoder {
     /// A decoder with `threads` threads (0: one per core).
     pub fn new(threads: usize) -> Result<Self, ModelError> {
-        Ok(BatchDecoder { be: Arc::new(CpuBackend::new(threads)?), s: Scratch::default() })
+        let be = Arc::new(CpuBackend::new(threads)?);
+        Ok(BatchDecoder { be, s: Scratch::default(), rows: 0, vp: 0, vocab: 0 })
     }
 
     /// Runs every sequence's tokens through `model` as one batch and appends them to the
@@ -357,6 +362,18 @@ impl BatchDecoder {
         model: &DecodeModel,
         seqs: &mut [StepInput<'_>],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let want = self.step_rows(model, seqs)?;
+        Ok((0..want).map(|i| self.logits(i).to_vec()).collect())
+    }
+
+    /// [`BatchDecoder::step`] that leaves the logits in the decoder (no copy, no allocation):
+    /// returns how many rows [`BatchDecoder::logits`] and [`BatchDecoder::sample_rows`] see.
+    pub fn step_rows(
+        &mut self,
+        model: &DecodeModel,
+        seqs: &mut [StepInput<'_>],
+    ) -> Result<usize, ModelError> {
+        self.rows = 0;
         let cfg = &model.cfg;
         let vocab = cfg.vocab_size as u32;
         for s in seqs.iter() {
@@ -385,16 +402,26 @@ impl BatchDecoder {
         self.s.ensure(rows, c, vp);
         let be = self.be.clone();
         let want = be.run(|| forward(&be, model, &mut self.s, seqs, rows));
-        Ok((0..want).map(|i| self.s.logits[i * vp..i * vp + v].to_vec()).collect())
+        (self.rows, self.vp, self.vocab) = (want, vp, v);
+        Ok(want)
+    }
+
+    /// Row `i` of the last step's logits (vocab_size).
+    pub fn logits(&self, i: usize) -> &[f32] {
+        assert!(i < self.rows, "row {i} of {} rows of logits", self.rows);
+        &self.s.logits[i * self.vp..i * self.vp + self.vocab]
     }
 }
 
 impl BatchDecoder {
-    /// Samples the next token of each of `seqs` from its row of `logits` (as
-    /// [`Sequence::sample`]), the sequences in parallel on the decoder's threads.
-    pub fn sample(&self, seqs: &mut [&mut Sequence], logits: &[Vec<f32>]) -> Vec<Sampled> {
-        assert_eq!(seqs.len(), logits.len(), "one row of logits per sequence");
-        self.be.run(|| seqs.par_iter_mut().zip(logits).map(|(s, l)| s.sample(l)).collect())
+    /// Samples the next token of each of `seqs` (as [`Sequence::sample`]) from the rows of
+    /// logits the last [`BatchDecoder::step_rows`] left, in order; the sequences in parallel
+    /// on the decoder's threads.
+    pub fn sample_rows(&self, seqs: &mut [&mut Sequence]) -> Vec<Sampled> {
+        assert_eq!(seqs.len(), self.rows, "one row of logits per sequence");
+        self.be.run(|| {
+            seqs.par_iter_mut().enumerate().map(|(i, s)| s.sample(self.logits(i))).collect()
+        })
     }
 }
 
@@ -654,7 +681,6 @@ pub struct Generator {
     kv: Option<KvCache>,
     /// Every token fed so far, to rebuild the cache when the context is full.
     history: Vec<u32>,
-    logits: Vec<f32>,
 }
 
 impl Generator {
@@ -673,7 +699,6 @@ impl Generator {
             decoder: BatchDecoder::new(threads)?,
             kv: Some(kv),
             history: Vec::new(),
-            logits: Vec::new(),
         })
     }
 
@@ -719,14 +744,13 @@ impl Generator {
         let start = self.history.len() - fresh;
         let mut input =
             [StepInput { kv: &mut cache, tokens: &self.history[start..], logits: true }];
-        let out = self.decoder.step(&self.model, &mut input);
+        let out = self.decoder.step_rows(&self.model, &mut input);
         if out.is_err() && kv == 0 {
             cache.clear();
         }
         self.kv = Some(cache);
-        let out = out.inspect_err(|_| self.history.truncate(start))?;
-        self.logits = out.into_iter().next().expect("one row of logits");
-        Ok(&self.logits)
+        out.inspect_err(|_| self.history.truncate(start))?;
+        Ok(self.decoder.logits(0))
     }
 
     /// Generates up to `max_tokens` after `prompt`; `on_token` sees each token as it comes
@@ -748,12 +772,12 @@ impl Generator {
                 break Ok(());
             }
             let mut input = [seq.input(usize::MAX)];
-            let logits = match self.decoder.step(&self.model, &mut input) {
-                Ok(l) => l,
+            let rows = match self.decoder.step_rows(&self.model, &mut input) {
+                Ok(rows) => rows,
                 Err(e) => break Err(e),
             };
-            if let Some(logits) = logits.first() {
-                let next = seq.sample(logits);
+            if rows > 0 {
+                let next = seq.sample(self.decoder.logits(0));
                 out.push(next);
                 if !on_token(next) {
                     break Ok(());
