@@ -1,7 +1,7 @@
 //! How close batch-1 decoding's linear layers come to the memory's bandwidth: a plain
 //! streaming read of as many bytes as a GPT-2-124M model's weights (the ceiling), against one
-//! decode step's linear layers (`matvec::forward_packed` for the 48 (in, out) weights,
-//! `matvec::forward_out_in` for the tied LM head), GB/s each, back to back; the layers once
+//! decode step's linear layers (`matvec::forward_packed` for the 48 (in, out) weights and
+//! the tied LM head, packed the same way), GB/s each, back to back; the layers once
 //! on ordinary `Vec`s, once on [`HugePageBuf`]s (2 MiB pages, what the server uses).
 //!
 //!     cargo run --release -p ferrite-inference --example bench_stream -- [threads] [rounds] [f32|f16]
@@ -100,7 +100,7 @@ fn run<W: Weight>(threads: usize, rounds: usize) {
             });
             let lin = t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
-            be.run(|| matvec::forward_out_in(&mut out, &x[..C], head, 1, C, VOCAB));
+            be.run(|| matvec::forward_packed(&mut out, &x[..C], head, None, 1, C, VOCAB));
             std::hint::black_box(&out);
             (lin, t0.elapsed().as_secs_f64())
         };

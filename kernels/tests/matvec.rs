@@ -49,14 +49,17 @@ fn packed_in_out_matches_naive_and_a_row_alone_has_the_same_bits() {
 }
 
 #[test]
-fn out_in_matches_naive_and_a_row_alone_has_the_same_bits() {
+fn an_out_in_matrix_packed_as_its_transpose_is_the_lm_head() {
+    // The tied embedding (vocabulary, c) as the LM head: logits = x @ w^T.
     let mut rng = Rng(11);
     for (c, oc) in [(768, 1000), (40, 70)] {
         let rows = 9;
         let inp = rng.vec(rows * c, 1.0);
         let w = rng.vec(oc * c, 0.05);
+        let mut packed = vec![0.0; c * oc];
+        matvec::pack_out_in(&mut packed, &w, c, oc);
         let mut all = vec![0.0; rows * oc];
-        pool().install(|| matvec::forward_out_in(&mut all, &inp, &w, rows, c, oc));
+        pool().install(|| matvec::forward_packed(&mut all, &inp, &packed, None, rows, c, oc));
         let want: Vec<f64> = (0..rows * oc)
             .map(|e| {
                 let (r, j) = (e / oc, e % oc);
@@ -67,7 +70,7 @@ fn out_in_matches_naive_and_a_row_alone_has_the_same_bits() {
         for r in [0, 4, 8] {
             let mut one = vec![0.0; oc];
             let x = &inp[r * c..(r + 1) * c];
-            pool().install(|| matvec::forward_out_in(&mut one, x, &w, 1, c, oc));
+            pool().install(|| matvec::forward_packed(&mut one, x, &packed, None, 1, c, oc));
             assert_eq!(one, all[r * oc..(r + 1) * oc], "row {r} alone ({c}x{oc})");
         }
     }

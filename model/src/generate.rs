@@ -59,10 +59,10 @@ impl std::fmt::Display for WeightDtype {
 }
 
 /// Weights for decoding, shared (read-only) by every sequence: the matrices (the four linear
-/// layers of each block, the (in, out) ones rearranged into the panels of
-/// [`matvec::forward_packed`], and the tied embedding / LM head) in one buffer of the chosen
-/// [`WeightDtype`] on huge pages (every decode step streams all of it), every other tensor in
-/// an f32 buffer.
+/// layers of each block and the tied embedding / LM head, all rearranged into the panels of
+/// [`matvec::forward_packed`], the embedding as the (C, vocabulary) matrix of the LM head) in
+/// one buffer of the chosen [`WeightDtype`] on huge pages (every decode step streams all of
+/// it), every other tensor in an f32 buffer.
 pub struct DecodeModel {
     pub cfg: GptConfig,
     places: [Place; Tensor::ALL.len()],
@@ -90,14 +90,16 @@ impl Place {
     }
 }
 
-/// The matrices, with their (in, out) shape when they are packed for `forward_packed`.
-fn matrix_shape(t: Tensor, c: usize) -> Option<Option<(usize, usize)>> {
+/// The matrices, with the (in, out) shape they are packed as for `forward_packed`; the
+/// embedding (vocabulary, C) is the LM head's (C, vocabulary).
+fn matrix_shape(t: Tensor, cfg: &GptConfig) -> Option<(usize, usize)> {
+    let c = cfg.n_embd;
     match t {
-        Tensor::Wte => Some(None),
-        Tensor::QkvW => Some(Some((c, 3 * c))),
-        Tensor::AttProjW => Some(Some((c, c))),
-        Tensor::FcW => Some(Some((c, 4 * c))),
-        Tensor::FcProjW => Some(Some((4 * c, c))),
+        Tensor::Wte => Some((c, cfg.padded_vocab())),
+        Tensor::QkvW => Some((c, 3 * c)),
+        Tensor::AttProjW => Some((c, c)),
+        Tensor::FcW => Some((c, 4 * c)),
+        Tensor::FcProjW => Some((4 * c, c)),
         _ => None,
     }
 }
@@ -120,7 +122,7 @@ impl DecodeModel {
         for (k, &t) in Tensor::ALL.iter().enumerate() {
             let all = &params[layout.all(t)];
             let per = if t.per_layer() { all.len() / cfg.n_layer } else { all.len() };
-            let mat = matrix_shape(t, cfg.n_embd).is_some();
+            let mat = matrix_shape(t, &cfg).is_some();
             if !mat {
                 places[k] = Place { mat, start: small.len(), per };
                 small.extend_from_slice(all);
@@ -176,7 +178,7 @@ impl DecodeModel {
 
     /// out (rows, oc) = inp (rows, c) @ W + b for the linear layer `t` of layer `l`.
     fn linear(&self, t: Tensor, bias: Tensor, l: usize, out: &mut [f32], inp: &[f32], rows: usize) {
-        let Some(Some((c, oc))) = matrix_shape(t, self.cfg.n_embd) else {
+        let Some((c, oc)) = matrix_shape(t, &self.cfg).filter(|_| t != Tensor::Wte) else {
             unreachable!("{t:?} is not an (in, out) linear layer")
         };
         let (r, b) = (self.place(t).at(l), Some(self.small(bias, l)));
@@ -186,30 +188,32 @@ impl DecodeModel {
         }
     }
 
-    /// Logits (rows, padded vocabulary) of `inp` (rows, C) against the tied embedding.
+    /// Logits (rows, padded vocabulary) of `inp` (rows, C) against the tied embedding: the
+    /// same kernel, tiles and chunks as the other linear layers.
     fn lm_head(&self, out: &mut [f32], inp: &[f32], rows: usize) {
         let (c, vp, r) = (self.cfg.n_embd, self.cfg.padded_vocab(), self.place(Tensor::Wte).at(0));
         match &self.mats {
-            Mats::F32(m) => matvec::forward_out_in(out, inp, &m[r], rows, c, vp),
-            Mats::F16(m) => matvec::forward_out_in(out, inp, &m[r], rows, c, vp),
+            Mats::F32(m) => matvec::forward_packed(out, inp, &m[r], None, rows, c, vp),
+            Mats::F16(m) => matvec::forward_packed(out, inp, &m[r], None, rows, c, vp),
         }
     }
 
-    /// `out` (C) = embedding of `token` + position embedding of `pos`.
+    /// `out` (C) = embedding of `token` (a column of the packed LM head) + position
+    /// embedding of `pos`.
     fn embed(&self, token: u32, pos: usize, out: &mut [f32]) {
-        let c = self.cfg.n_embd;
-        let at = self.place(Tensor::Wte).at(0).start + token as usize * c;
+        let (c, vp) = (self.cfg.n_embd, self.cfg.padded_vocab());
+        let r = self.place(Tensor::Wte).at(0);
         let pe = &self.small(Tensor::Wpe, 0)[pos * c..][..c];
         match &self.mats {
-            Mats::F32(m) => add_rows(out, &m[at..at + c], pe),
-            Mats::F16(m) => add_rows(out, &m[at..at + c], pe),
+            Mats::F32(m) => embed_column(out, &m[r], c, vp, token as usize, pe),
+            Mats::F16(m) => embed_column(out, &m[r], c, vp, token as usize, pe),
         }
     }
 }
 
-fn add_rows<W: Weight>(out: &mut [f32], e: &[W], pe: &[f32]) {
-    for ((o, &a), &b) in out.iter_mut().zip(e).zip(pe) {
-        *o = a.to_f32() + b;
+fn embed_column<W: Weight>(out: &mut [f32], head: &[W], c: usize, vp: usize, t: usize, pe: &[f32]) {
+    for (i, (o, &b)) in out.iter_mut().zip(pe).enumerate() {
+        *o = head[matvec::packed_index(c, vp, i, t)].to_f32() + b;
     }
 }
 
@@ -226,14 +230,15 @@ impl Packer<'_> {
     fn matrices<W: Weight>(&self, len: usize) -> HugePageBuf<W> {
         let mut buf = HugePageBuf::<W>::zeroed(len);
         for (k, &t) in Tensor::ALL.iter().enumerate() {
-            let Some(shape) = matrix_shape(t, self.cfg.n_embd) else { continue };
+            let Some((inp, out)) = matrix_shape(t, self.cfg) else { continue };
             let layers = if t.per_layer() { self.cfg.n_layer } else { 1 };
             for l in 0..layers {
                 let (dst, src) =
                     (&mut buf[self.places[k].at(l)], &self.params[self.layout.at(t, l)]);
-                match shape {
-                    Some((inp, out)) => matvec::pack_in_out(dst, src, inp, out),
-                    None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = W::from_f32(v)),
+                if t == Tensor::Wte {
+                    matvec::pack_out_in(dst, src, inp, out);
+                } else {
+                    matvec::pack_in_out(dst, src, inp, out);
                 }
             }
         }

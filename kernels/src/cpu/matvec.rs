@@ -26,10 +26,6 @@ use crate::math;
 pub const PANEL: usize = 64;
 /// Rows per register tile of the AVX-512 panel kernel: 6 rows x 4 vectors = 24 accumulators.
 const MR: usize = 6;
-/// Lanes of the dot products of the (out, in) kernel.
-const LANES: usize = 16;
-/// Weight rows per task of the (out, in) kernel: 768 KiB of a 768-wide matrix.
-const OUT_IN_BLOCK: usize = 256;
 
 /// A weight element of these kernels: `f32`, or `f16` for half the bytes to stream per
 /// decode step. An f16 weight is widened to f32 exactly, and the sums are the same f32
@@ -160,6 +156,27 @@ pub fn pack_in_out<W: Weight>(packed: &mut [W], w: &[f32], c: usize, oc: usize) 
             }
         }
     }
+}
+
+/// [`pack_in_out`] of the transpose of `w` (oc, c), row-major: an (out, in) matrix, such as
+/// the tied embedding used as the LM head, packed for [`forward_packed`].
+pub fn pack_out_in<W: Weight>(packed: &mut [W], w: &[f32], c: usize, oc: usize) {
+    assert!(packed.len() == c * oc && w.len() == c * oc, "pack_out_in: sizes");
+    for p in 0..oc.div_ceil(PANEL) {
+        let (at, wp) = panel_at(p, c, oc);
+        for jj in 0..wp {
+            let row = &w[(p * PANEL + jj) * c..][..c];
+            for (i, &v) in row.iter().enumerate() {
+                packed[at + i * wp + jj] = W::from_f32(v);
+            }
+        }
+    }
+}
+
+/// Where element (i, j) of a (c, oc) matrix sits once packed.
+pub fn packed_index(c: usize, oc: usize, i: usize, j: usize) -> usize {
+    let (at, wp) = panel_at(j / PANEL, c, oc);
+    at + i * wp + j % PANEL
 }
 
 /// out (rows, oc) = inp (rows, c) @ w (c, oc) + bias, with `w` packed by [`pack_in_out`].
@@ -452,15 +469,6 @@ fn chunked<W: Weight>(
     }
 }
 
-/// `w` as f32 for the portable dot products: borrowed when it is f32, else converted
-/// (exactly) into a copy. Only CPUs without AVX-512 or AVX2 take this detour with f16 weights.
-fn widened<W: Weight>(w: &[W]) -> std::borrow::Cow<'_, [f32]> {
-    match W::as_f32(w) {
-        Some(f) => std::borrow::Cow::Borrowed(f),
-        None => std::borrow::Cow::Owned(w.iter().map(|v| v.to_f32()).collect()),
-    }
-}
-
 math::multiversion! {
     /// Up to 4 rows against a panel of width `wp`: the same arithmetic as the AVX-512 tile.
     #[allow(clippy::too_many_arguments)]
@@ -497,149 +505,11 @@ math::multiversion! {
     }
 }
 
-/// out (rows, oc) = inp (rows, c) @ w^T for w (oc, c) row-major (`WeightLayout::OutIn`, the
-/// tied LM head). Element (r, j) is a 16-lane fused dot product of input row r and weight
-/// row j: lane l sums the terms i ≡ l (mod 16) in increasing i, the lanes are added as a
-/// tree (lane l and l + 8, then l and l + 4 of those, l and l + 2, and the last two), then
-/// the terms past the last multiple of 16 (summed in order) are added.
-pub fn forward_out_in<W: Weight>(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[W],
-    rows: usize,
-    c: usize,
-    oc: usize,
-) {
-    assert!(out.len() >= rows * oc && inp.len() >= rows * c && w.len() >= c * oc);
-    let op = SendPtr(out.as_mut_ptr());
-    (0..oc.div_ceil(OUT_IN_BLOCK)).into_par_iter().for_each(|blk| {
-        let j0 = blk * OUT_IN_BLOCK;
-        let j1 = (j0 + OUT_IN_BLOCK).min(oc);
-        dots_block(op, inp, w, rows, c, oc, j0, j1);
-    });
-}
-
-/// Weight rows j0..j1 against every input row, four weight rows at a time, so that each
-/// group of four is read from memory once and from cache for the other input rows.
-#[allow(clippy::too_many_arguments)]
-fn dots_block<W: Weight>(
-    op: SendPtr,
-    inp: &[f32],
-    w: &[W],
-    rows: usize,
-    c: usize,
-    oc: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let mut j = j0;
-    while j < j1 {
-        let n = 4.min(j1 - j);
-        let wr: [&[W]; 4] = std::array::from_fn(|q| &w[(j + q.min(n - 1)) * c..][..c]);
-        let dst = DstTile { ptr: op, ld: oc, r0: 0, j0: j };
-        // The next four weight rows follow these in memory; the first tile of input rows
-        // fetches them as it goes (rows of 768 halves are too short for the hardware
-        // prefetcher to get ahead).
-        #[cfg(target_arch = "x86_64")]
-        let next = Ahead {
-            ptr: w.as_ptr().wrapping_add((j + 4) * c).cast(),
-            lines: std::mem::size_of::<W>(),
-        };
-        #[cfg(target_arch = "x86_64")]
-        let ahead = |r0: usize| if r0 == 0 { next } else { Ahead::NONE };
-        let mut r0 = 0;
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            while r0 < rows {
-                let rt = 4.min(rows - r0);
-                let x = &inp[r0 * c..(r0 + rt) * c];
-                let d = DstTile { r0, ..dst };
-                // SAFETY: the CPU has AVX-512; `x` holds rt rows of c and each `wr` c values;
-                // this task alone writes columns j0..j1.
-                unsafe {
-                    match rt {
-                        4 => avx512::dots::<W, 4>(d, x, wr, c, n, ahead(r0)),
-                        3 => avx512::dots::<W, 3>(d, x, wr, c, n, ahead(r0)),
-                        2 => avx512::dots::<W, 2>(d, x, wr, c, n, ahead(r0)),
-                        _ => avx512::dots::<W, 1>(d, x, wr, c, n, ahead(r0)),
-                    }
-                }
-                r0 += rt;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if r0 == 0 && avx2::available() {
-            while r0 < rows {
-                let x = &inp[r0 * c..(r0 + 1) * c];
-                // SAFETY: the CPU has AVX2, FMA and F16C; as for AVX-512 above.
-                unsafe { avx2::dots(DstTile { r0, ..dst }, x, wr, c, n, ahead(r0)) };
-                r0 += 1;
-            }
-        }
-        if r0 == rows {
-            j += n;
-            continue;
-        }
-        let wide: [std::borrow::Cow<'_, [f32]>; 4] = std::array::from_fn(|q| widened(wr[q]));
-        let wide: [&[f32]; 4] = std::array::from_fn(|q| &wide[q][..]);
-        for r in r0..rows {
-            let d = dot4(&inp[r * c..][..c], wide);
-            for (q, &v) in d[..n].iter().enumerate() {
-                // SAFETY: this task alone writes columns j0..j1.
-                unsafe { *dst.at(r, q) = v };
-            }
-        }
-        j += n;
-    }
-}
-
-math::multiversion! {
-    /// Four dot products of `x` with `w[q]`, each exactly as [`forward_out_in`] defines it.
-    fn dot4_into(out: &mut [f32; 4], x: &[f32], w: [&[f32]; 4]) {
-        let mut acc = [[0.0f32; LANES]; 4];
-        let full = x.len() - x.len() % LANES;
-        let mut i = 0;
-        while i < full {
-            let xs: &[f32; LANES] = x[i..i + LANES].try_into().expect("chunk");
-            for q in 0..4 {
-                let ws: &[f32; LANES] = w[q][i..i + LANES].try_into().expect("chunk");
-                for l in 0..LANES {
-                    acc[q][l] = xs[l].mul_add(ws[l], acc[q][l]);
-                }
-            }
-            i += LANES;
-        }
-        for q in 0..4 {
-            out[q] = finish_dot(&acc[q], x, w[q], full);
-        }
-    }
-}
-
-fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let mut out = [0.0; 4];
-    dot4_into(&mut out, x, w);
-    out
-}
-
-/// The lanes of a dot product added as a tree (halves, as wide vectors add them: four
-/// dependent adds rather than fifteen), then its tail terms `full..` (in order).
-#[inline(always)]
-fn finish_dot<W: Weight>(lanes: &[f32; LANES], x: &[f32], w: &[W], full: usize) -> f32 {
-    let mut tail = 0.0f32;
-    for k in full..x.len() {
-        tail = x[k].mul_add(w[k].to_f32(), tail);
-    }
-    let l8: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[l + 8]);
-    let l4: [f32; 4] = std::array::from_fn(|l| l8[l] + l8[l + 4]);
-    let l2: [f32; 2] = std::array::from_fn(|l| l4[l] + l4[l + 2]);
-    (l2[0] + l2[1]) + tail
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{finish_dot, Ahead, DstTile, Start, Weight, LANES, PANEL};
+    use super::{Ahead, DstTile, Start, Weight, PANEL};
 
     /// Whether the CPU runs the kernels of this module (cached by std after the first call).
     #[inline]
@@ -722,53 +592,6 @@ mod avx512 {
             }
         }
     }
-
-    /// `R` rows of `x` (R, c) dotted with the weight rows `w[..n]`, into columns 0..n of
-    /// `dst`; the same sums as `dot4`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `dst` covers R rows of n columns written by this call alone;
-    /// `x` has R*c elements and each `w[q]` c.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dots<W: Weight, const R: usize>(
-        dst: DstTile,
-        x: &[f32],
-        w: [&[W]; 4],
-        c: usize,
-        n: usize,
-        ahead: Ahead,
-    ) {
-        let full = c - c % LANES;
-        let xp = x.as_ptr();
-        let wp: [*const W; 4] = w.map(|s| s.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let mut i = 0;
-        while i < full {
-            // As much of the next rows as this step reads of these.
-            ahead.row(i / LANES);
-            // SAFETY: i + 16 <= full <= c.
-            unsafe {
-                let wv: [__m512; 4] = std::array::from_fn(|q| W::load16(wp[q].add(i)));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(xp.add(r * c + i));
-                    for q in 0..4 {
-                        a[q] = _mm512_fmadd_ps(xv, wv[q], a[q]);
-                    }
-                }
-            }
-            i += LANES;
-        }
-        for (r, a) in acc.iter().enumerate() {
-            let xr = &x[r * c..(r + 1) * c];
-            for (q, &v) in a[..n].iter().enumerate() {
-                let mut lanes = [0.0f32; LANES];
-                // SAFETY: `lanes` holds 16 floats.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
-                // SAFETY: (r, q) is inside the tile.
-                unsafe { *dst.at(r, q) = finish_dot(&lanes, xr, w[q], full) };
-            }
-        }
-    }
 }
 
 /// The same kernels in 8-lane AVX2 vectors, for x86 CPUs without AVX-512 (AMD before Zen 4,
@@ -777,7 +600,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{finish_dot, Ahead, DstTile, Start, Weight, LANES, PANEL};
+    use super::{Ahead, DstTile, Start, Weight, PANEL};
 
     /// Whether the CPU runs the kernels of this module (cached by std after the first call).
     #[inline]
@@ -862,51 +685,6 @@ mod avx2 {
             }
         }
     }
-
-    /// One row `x` (c) dotted with the weight rows `w[..n]`, into columns 0..n of row 0 of
-    /// `dst`; the same 16 lane sums as `dot4`, kept as two 8-lane halves.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `dst` covers n columns of one row written by this
-    /// call alone; `x` and each `w[q]` have c elements.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dots<W: Weight>(
-        dst: DstTile,
-        x: &[f32],
-        w: [&[W]; 4],
-        c: usize,
-        n: usize,
-        ahead: Ahead,
-    ) {
-        let full = c - c % LANES;
-        let xp = x.as_ptr();
-        let wp: [*const W; 4] = w.map(|s| s.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        let mut i = 0;
-        while i < full {
-            // As much of the next rows as this step reads of these.
-            ahead.row(i / LANES);
-            // SAFETY: i + 16 <= full <= c.
-            unsafe {
-                let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
-                for q in 0..4 {
-                    acc[q][0] = _mm256_fmadd_ps(x0, W::load8(wp[q].add(i)), acc[q][0]);
-                    acc[q][1] = _mm256_fmadd_ps(x1, W::load8(wp[q].add(i + 8)), acc[q][1]);
-                }
-            }
-            i += LANES;
-        }
-        for (q, a) in acc[..n].iter().enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
-            }
-            // SAFETY: (0, q) is inside the tile.
-            unsafe { *dst.at(0, q) = finish_dot(&lanes, x, w[q], full) };
-        }
-    }
 }
 
 #[cfg(test)]
@@ -977,12 +755,6 @@ mod tests {
             pool().install(|| forward_packed(&mut out, &inp[..n * c], &packed, Some(&b), n, c, oc));
             assert_eq!(out, want[..n * oc], "{n} rows");
         }
-        // The LM head's layout: the same dot products as on the rounded f32 weights.
-        let halves: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let (mut a, mut r) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
-        pool().install(|| forward_out_in(&mut a, &inp, &halves, rows, c, oc));
-        pool().install(|| forward_out_in(&mut r, &inp, &rounded, rows, c, oc));
-        assert_eq!(a, r);
     }
 
     /// The AVX2 kernels called directly, so that a CPU with AVX-512 (which the dispatch sends
@@ -1018,49 +790,20 @@ mod tests {
                 assert_eq!(out, want[..n * oc], "{n} rows (f16: {packed16})");
             }
         }
-        let c = 40;
-        // The (out, in) dots, c = 40: two 16-lane steps and a tail of 8; f16 rows give the
-        // dots of their rounded values.
-        let wt: Vec<f32> = data(4 * c, 12);
-        let ht: Vec<f16> = wt.iter().map(|&v| f16::from_f32(v)).collect();
-        let rt: Vec<f32> = ht.iter().map(|v| v.to_f32()).collect();
-        let ws: [&[f32]; 4] = std::array::from_fn(|q| &wt[q * c..(q + 1) * c]);
-        let rs: [&[f32]; 4] = std::array::from_fn(|q| &rt[q * c..(q + 1) * c]);
-        let hs: [&[f16]; 4] = std::array::from_fn(|q| &ht[q * c..(q + 1) * c]);
-        for r in 0..rows {
-            let x = &inp[r * c..(r + 1) * c];
-            let (mut got, mut got16) = ([0.0f32; 4], [0.0f32; 4]);
-            let dst = DstTile { ptr: SendPtr(got.as_mut_ptr()), ld: 4, r0: 0, j0: 0 };
-            let dst16 = DstTile { ptr: SendPtr(got16.as_mut_ptr()), ..dst };
-            // SAFETY: the CPU has the features; `got` and `got16` are one row of 4 each.
-            unsafe {
-                avx2::dots(dst, x, ws, c, 4, Ahead::NONE);
-                avx2::dots(dst16, x, hs, c, 4, Ahead::NONE);
-            }
-            assert_eq!(got, dot4(x, ws), "row {r}");
-            assert_eq!(got16, dot4(x, rs), "row {r}, f16 weights");
-        }
     }
 
     #[test]
-    fn out_in_matches_naive_and_is_independent_of_row_count() {
-        for (rows, c, oc) in [(5, 40, 70), (9, 64, 37), (3, 16, 4)] {
-            let (inp, w) = (data(rows * c, 4), data(oc * c, 5));
-            let mut all = vec![0.0; rows * oc];
-            pool().install(|| forward_out_in(&mut all, &inp, &w, rows, c, oc));
-            for r in 0..rows {
-                for j in 0..oc {
-                    let want: f64 =
-                        (0..c).map(|i| inp[r * c + i] as f64 * w[j * c + i] as f64).sum();
-                    assert!((all[r * oc + j] as f64 - want).abs() < 1e-4, "({r},{j})");
-                    let x = &inp[r * c..(r + 1) * c];
-                    let d = dot4(x, [&w[j * c..(j + 1) * c]; 4]);
-                    assert_eq!(all[r * oc + j], d[0], "({r},{j}) differs from dot4");
-                }
-                let mut one = vec![0.0; oc];
-                let x = &inp[r * c..(r + 1) * c];
-                pool().install(|| forward_out_in(&mut one, x, &w, 1, c, oc));
-                assert_eq!(one, all[r * oc..(r + 1) * oc]);
+    fn an_out_in_matrix_packs_as_its_transpose() {
+        // The tied LM head: the embedding's (vocab, c) rows, packed as the (c, vocab) matrix.
+        for (c, oc) in [(48, 200), (17, 64)] {
+            let w = data(oc * c, 5);
+            let wt: Vec<f32> = (0..c * oc).map(|k| w[(k % oc) * c + k / oc]).collect();
+            let (mut a, mut b) = (vec![0.0; c * oc], vec![0.0; c * oc]);
+            pack_out_in(&mut a, &w, c, oc);
+            pack_in_out(&mut b, &wt, c, oc);
+            assert_eq!(a, b, "c={c} oc={oc}");
+            for (i, j) in [(0, 0), (c - 1, oc - 1), (3, oc - 2), (c / 2, oc / 3)] {
+                assert_eq!(a[packed_index(c, oc, i, j)], w[j * c + i], "({i}, {j})");
             }
         }
     }
