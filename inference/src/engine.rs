@@ -540,18 +540,15 @@ impl Scheduler {
         }
         let result = self.decoder.step_rows(&model.model, &mut inputs);
         drop(inputs);
-        match result {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "decode step failed");
-                for &(i, _) in &members {
-                    let why = FailReason::Internal(e.to_string());
-                    let _ = self.active[i].events.send(Event::Failed(why));
-                }
-                let failed: Vec<usize> = members.iter().map(|m| m.0).collect();
-                self.remove(&failed);
-                return;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "decode step failed");
+            for &(i, _) in &members {
+                let why = FailReason::Internal(e.to_string());
+                let _ = self.active[i].events.send(Event::Failed(why));
             }
+            let failed: Vec<usize> = members.iter().map(|m| m.0).collect();
+            self.remove(&failed);
+            return;
         }
         // Members are in increasing index order, as are their rows of logits.
         let wanting: Vec<usize> = members.iter().filter(|m| m.1).map(|m| m.0).collect();

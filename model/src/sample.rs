@@ -195,36 +195,57 @@ const BUCKETS_PER_UNIT: f32 = 256.0;
 /// where the cumulative weight crosses is gathered and sorted. (Moving every candidate of
 /// the better buckets to the front instead cost a mispredicted branch per candidate.)
 fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usize, (u32, f32))> {
-    let key = |v: f32| (((max - v) * BUCKETS_PER_UNIT) as usize).min(BUCKETS - 1);
-    let weight = |v: f32| (v - max).exp() as f64;
-    let mut mass = vec![0.0f64; BUCKETS];
-    let mut count = vec![0u32; BUCKETS];
-    for e in c {
-        let k = key(e.1);
-        mass[k] += weight(e.1);
-        count[k] += 1;
-    }
-    let target = frac * mass.iter().sum::<f64>();
-    let crosses = |acc: f64| if strict { acc > target } else { acc >= target };
-    let (mut acc, mut before) = (0.0f64, 0usize);
-    let kb = (0..BUCKETS).find(|&k| {
-        if count[k] > 0 && crosses(acc + mass[k]) {
-            return true;
+    CROSSING.with(|cell| {
+        let scratch = &mut *cell.borrow_mut();
+        let Crossing { mass, count, bucket } = scratch;
+        let key = |v: f32| (((max - v) * BUCKETS_PER_UNIT) as usize).min(BUCKETS - 1);
+        let weight = |v: f32| (v - max).exp() as f64;
+        mass.clear();
+        mass.resize(BUCKETS, 0.0);
+        count.clear();
+        count.resize(BUCKETS, 0);
+        for e in c {
+            let k = key(e.1);
+            mass[k] += weight(e.1);
+            count[k] += 1;
         }
-        acc += mass[k];
-        before += count[k] as usize;
-        false
-    })?;
-    let mut bucket: Vec<(u32, f32)> = c.iter().copied().filter(|e| key(e.1) == kb).collect();
-    bucket.sort_unstable_by(by_rank);
-    for (j, &e) in bucket.iter().enumerate() {
-        acc += weight(e.1);
-        if crosses(acc) {
-            return Some((before + j + 1, e));
+        let target = frac * mass.iter().sum::<f64>();
+        let crosses = |acc: f64| if strict { acc > target } else { acc >= target };
+        let (mut acc, mut before) = (0.0f64, 0usize);
+        let kb = (0..BUCKETS).find(|&k| {
+            if count[k] > 0 && crosses(acc + mass[k]) {
+                return true;
+            }
+            acc += mass[k];
+            before += count[k] as usize;
+            false
+        })?;
+        bucket.clear();
+        bucket.extend(c.iter().copied().filter(|e| key(e.1) == kb));
+        bucket.sort_unstable_by(by_rank);
+        for (j, &e) in bucket.iter().enumerate() {
+            acc += weight(e.1);
+            if crosses(acc) {
+                return Some((before + j + 1, e));
+            }
         }
-    }
-    // The bucket's total crossed but its terms added one by one did not (rounding).
-    bucket.last().map(|&e| (before + bucket.len(), e))
+        // The bucket's total crossed but its terms added one by one did not (rounding).
+        bucket.last().map(|&e| (before + bucket.len(), e))
+    })
+}
+
+/// [`crossing`]'s buffers, kept per thread so that a token's draw allocates nothing.
+#[derive(Default)]
+struct Crossing {
+    /// Weight and number of candidates per bucket.
+    mass: Vec<f64>,
+    count: Vec<u32>,
+    /// The crossing bucket's candidates.
+    bucket: Vec<(u32, f32)>,
+}
+
+thread_local! {
+    static CROSSING: std::cell::RefCell<Crossing> = std::cell::RefCell::default();
 }
 
 #[cfg(test)]

@@ -162,13 +162,9 @@ pub fn pack_in_out<W: Weight>(packed: &mut [W], w: &[f32], c: usize, oc: usize) 
 /// the tied embedding used as the LM head, packed for [`forward_packed`].
 pub fn pack_out_in<W: Weight>(packed: &mut [W], w: &[f32], c: usize, oc: usize) {
     assert!(packed.len() == c * oc && w.len() == c * oc, "pack_out_in: sizes");
-    for p in 0..oc.div_ceil(PANEL) {
-        let (at, wp) = panel_at(p, c, oc);
-        for jj in 0..wp {
-            let row = &w[(p * PANEL + jj) * c..][..c];
-            for (i, &v) in row.iter().enumerate() {
-                packed[at + i * wp + jj] = W::from_f32(v);
-            }
+    for (j, row) in w.chunks_exact(c).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            packed[packed_index(c, oc, i, j)] = W::from_f32(v);
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
 
 pub use attention::MAX_SEQ_LEN;
 pub use half::f16;
-pub use kv_attention::{attention_cached, key_cache_len, store_keys, CachedSeq, KEY_BLOCK};
+pub use kv_attention::{attention_cached, key_cache_len, store_keys, CachedSeq};
 pub use matvec::Weight;
 pub use pages::HugePageBuf;
 pub use softmax::log_sum_exp;
