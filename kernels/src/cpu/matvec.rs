@@ -26,6 +26,13 @@ use crate::math;
 pub const PANEL: usize = 64;
 /// Rows per register tile of the AVX-512 panel kernel: 6 rows x 4 vectors = 24 accumulators.
 const MR: usize = 6;
+/// Rows per AVX-512 tile against half a panel: 10 rows x 2 vectors = 20 accumulators (at 11
+/// and 12 rows LLVM loads every row's input first and the sums no longer fit the 32
+/// registers). From 7 to 10 rows (a decode step of that many sequences) one such tile per
+/// half reads each weight once, so an f16 weight is converted as it is loaded instead of
+/// widened into a scratch chunk that two tiles of MR rows would each read back (the
+/// widening's stores and loads cost a quarter as much as the multiply-adds there).
+const MR_HALF: usize = 10;
 
 /// A weight element of these kernels: `f32`, or `f16` for half the bytes to stream per
 /// decode step. An f16 weight is widened to f32 exactly, and the sums are the same f32
@@ -249,30 +256,42 @@ enum Start<'a> {
 }
 
 /// Weights for a tile to prefetch while it computes: `lines` cache lines of each of its
-/// weight rows, from `ptr` on (rows `lines * 64` bytes apart). The chunk after the current
-/// one sits right after it in memory, also across panels (a task takes its panels in
-/// address order), so the first tile of each chunk fetches the next while the other tiles
-/// compute from L1; the hardware prefetcher alone stops when the demand loads pause.
+/// weight rows, from `ptr` on (rows `stride` bytes apart). The chunk after the current one
+/// sits right after it in memory, also across panels (a task takes its panels in address
+/// order), so the first tile of each chunk fetches the next while the other tiles compute
+/// from L1; the hardware prefetcher alone stops when the demand loads pause. Half-panel
+/// tiles fetch half the lines each, so the requests spread over the whole chunk. The lines
+/// go to L2: fetched into L1 they held its miss buffers for the whole memory latency (Zen 4,
+/// one thread, a bare f16 decode step of 8 rows, single runs: 39-43 ms with half-panel tiles
+/// alone, 36-38 with the split, 33-36 with the split into L2).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Ahead {
     ptr: *const i8,
     lines: usize,
+    /// Bytes from one weight row to the next.
+    stride: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Ahead {
-    const NONE: Ahead = Ahead { ptr: std::ptr::null(), lines: 0 };
+    const NONE: Ahead = Ahead { ptr: std::ptr::null(), lines: 0, stride: 0 };
+
+    /// Part `k` of `parts` of each row's lines, for one of several tiles to fetch.
+    fn part(self, k: usize, parts: usize) -> Ahead {
+        let (a, b) = (self.lines * k / parts, self.lines * (k + 1) / parts);
+        Ahead { ptr: self.ptr.wrapping_add(64 * a), lines: b - a, ..self }
+    }
 
     /// Fetches what weight row `i` of the tile is ahead of.
     #[inline(always)]
     fn row(self, i: usize) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let row = self.ptr.wrapping_add(i * self.lines * 64);
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let row = self.ptr.wrapping_add(i * self.stride);
         for l in 0..self.lines {
             // SAFETY: a prefetch does not fault, whatever the address (past the matrix's
             // end on its last chunk).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64 * l)) };
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(64 * l)) };
         }
     }
 }
@@ -333,7 +352,8 @@ fn portable_rows(
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum Tiles {
-    /// Tiles of up to MR rows against the whole panel.
+    /// Tiles of up to MR rows against the whole panel; from MR + 1 rows to CHUNK_ROWS, tiles
+    /// of up to MR_HALF rows against each half of it.
     Avx512,
     /// One row against the whole panel; several rows in tiles of up to 3 against half of it
     /// (3 rows x 4 vectors of accumulators, their inputs and a weight vector fit 16 registers).
@@ -342,9 +362,15 @@ enum Tiles {
 
 #[cfg(target_arch = "x86_64")]
 impl Tiles {
+    /// Whether the AVX-512 kernels take `rows` rows in half-panel tiles.
+    fn halves(rows: usize) -> bool {
+        (MR + 1..=CHUNK_ROWS).contains(&rows)
+    }
+
     /// How many tiles read each weight for `rows` rows.
     fn passes(self, rows: usize) -> usize {
         match self {
+            Tiles::Avx512 if Self::halves(rows) => rows.div_ceil(MR_HALF),
             Tiles::Avx512 => rows.div_ceil(MR),
             Tiles::Avx2 if rows == 1 => 1,
             Tiles::Avx2 => rows.div_ceil(3),
@@ -369,6 +395,34 @@ impl Tiles {
         // Row r0 of a tile's input, from column i0: the tile reads rt rows of it, c apart.
         let x = |r0: usize, rt: usize| &inp[r0 * c + i0..(r0 + rt - 1) * c + i0 + n];
         match self {
+            Tiles::Avx512 if Self::halves(rows) => {
+                // Tiles of equal size but the last, at most MR_HALF rows: from 7 to 24 rows,
+                // 5 to 10 in each.
+                let rt = rows.div_ceil(rows.div_ceil(MR_HALF));
+                for half in [0, PANEL / 2] {
+                    for r0 in (0..rows).step_by(rt) {
+                        let rt = rt.min(rows - r0);
+                        let (d, x) = (DstTile { r0, j0: dst.j0 + half, ..dst }, x(r0, rt));
+                        let first =
+                            if r0 == 0 { ahead.part(half / (PANEL / 2), 2) } else { Ahead::NONE };
+                        let h = half;
+                        // SAFETY: as below; columns half..half + 32 of the panel.
+                        unsafe {
+                            match rt {
+                                10 => {
+                                    avx512::panel_tile::<W, 10, 2>(d, x, c, w, h, n, start, first)
+                                }
+                                9 => avx512::panel_tile::<W, 9, 2>(d, x, c, w, h, n, start, first),
+                                8 => avx512::panel_tile::<W, 8, 2>(d, x, c, w, h, n, start, first),
+                                7 => avx512::panel_tile::<W, 7, 2>(d, x, c, w, h, n, start, first),
+                                6 => avx512::panel_tile::<W, 6, 2>(d, x, c, w, h, n, start, first),
+                                5 => avx512::panel_tile::<W, 5, 2>(d, x, c, w, h, n, start, first),
+                                _ => unreachable!("a half-panel tile of {rt} rows"),
+                            }
+                        }
+                    }
+                }
+            }
             Tiles::Avx512 => {
                 let mut r0 = 0;
                 while r0 < rows {
@@ -380,12 +434,12 @@ impl Tiles {
                     // and sliced above).
                     unsafe {
                         match rt {
-                            6 => avx512::panel_tile::<W, 6>(d, x, c, w, n, start, first),
-                            5 => avx512::panel_tile::<W, 5>(d, x, c, w, n, start, first),
-                            4 => avx512::panel_tile::<W, 4>(d, x, c, w, n, start, first),
-                            3 => avx512::panel_tile::<W, 3>(d, x, c, w, n, start, first),
-                            2 => avx512::panel_tile::<W, 2>(d, x, c, w, n, start, first),
-                            _ => avx512::panel_tile::<W, 1>(d, x, c, w, n, start, first),
+                            6 => avx512::panel_tile::<W, 6, 4>(d, x, c, w, 0, n, start, first),
+                            5 => avx512::panel_tile::<W, 5, 4>(d, x, c, w, 0, n, start, first),
+                            4 => avx512::panel_tile::<W, 4, 4>(d, x, c, w, 0, n, start, first),
+                            3 => avx512::panel_tile::<W, 3, 4>(d, x, c, w, 0, n, start, first),
+                            2 => avx512::panel_tile::<W, 2, 4>(d, x, c, w, 0, n, start, first),
+                            _ => avx512::panel_tile::<W, 1, 4>(d, x, c, w, 0, n, start, first),
                         }
                     }
                     r0 += rt;
@@ -445,6 +499,7 @@ fn chunked<W: Weight>(
     let ahead = |i0: usize, n: usize| Ahead {
         ptr: w.as_ptr().wrapping_add((i0 + n) * PANEL).cast(),
         lines,
+        stride: lines * 64,
     };
     if W::as_f32(w).is_some() || t.passes(rows) == 1 {
         each(&mut |i0, n, start| {
@@ -529,30 +584,36 @@ mod avx512 {
         }
     }
 
-    /// `R` rows of `x` (row r from `r * xs`) against `n` rows of a full panel `w`
-    /// (n, PANEL), into `dst`: from `start`, one fused multiply-add per weight row in order.
+    /// `R` rows of `x` (row r from `r * xs`) against columns `col..col + 16V` of `n` rows
+    /// of a full panel `w` (n, PANEL), into columns 0..16V of `dst`: from `start`, one fused
+    /// multiply-add per weight row in order.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `dst` covers R rows of PANEL columns written by this call
-    /// alone; `x` has (R - 1) * xs + n elements, `w` n * PANEL, and a bias PANEL.
+    /// The CPU has AVX-512F; `col + 16V <= PANEL`; `dst` covers R rows of 16V columns
+    /// written by this call alone; `x` has (R - 1) * xs + n elements, `w` n * PANEL, and a
+    /// bias PANEL.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panel_tile<W: Weight, const R: usize>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel_tile<W: Weight, const R: usize, const V: usize>(
         dst: DstTile,
         x: &[f32],
         xs: usize,
         w: &[W],
+        col: usize,
         n: usize,
         start: Start<'_>,
         ahead: Ahead,
     ) {
         debug_assert!(x.len() >= (R - 1) * xs + n && w.len() >= n * PANEL);
+        debug_assert!(col + 16 * V <= PANEL);
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         match start {
             Start::Bias(Some(b)) => {
-                // SAFETY: `b` has PANEL = 64 values.
-                let bv: [__m512; 4] =
-                    std::array::from_fn(|q| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * q)) });
+                // SAFETY: `b` has PANEL values and col + 16V <= PANEL.
+                let bv: [__m512; V] = std::array::from_fn(|q| unsafe {
+                    _mm512_loadu_ps(b.as_ptr().add(col + 16 * q))
+                });
                 acc = [bv; R];
             }
             Start::Bias(None) => {}
@@ -567,17 +628,13 @@ mod avx512 {
             ahead.row(i);
             // SAFETY: i < n, so the row i*PANEL.. of `w` and element (r, i) of x exist.
             unsafe {
-                let row = wp.add(i * PANEL);
-                let w0 = W::load16(row);
-                let w1 = W::load16(row.add(16));
-                let w2 = W::load16(row.add(32));
-                let w3 = W::load16(row.add(48));
+                let row = wp.add(i * PANEL + col);
+                let wv: [__m512; V] = std::array::from_fn(|q| W::load16(row.add(16 * q)));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xp.add(r * xs + i));
-                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
-                    a[2] = _mm512_fmadd_ps(xv, w2, a[2]);
-                    a[3] = _mm512_fmadd_ps(xv, w3, a[3]);
+                    for (a, &w) in a.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, w, *a);
+                    }
                 }
             }
         }
@@ -721,7 +778,7 @@ mod tests {
             let mut packed = vec![0.0; c * oc];
             pack_in_out(&mut packed, &w, c, oc);
             let want = reference(&inp, &w, &b, rows, c, oc);
-            for n in [rows, 1, 2, 5, 6, 7, 12] {
+            for n in [rows, 1, 2, 5, 6, 7, 12, 13, 20] {
                 let mut out = vec![0.0; n * oc];
                 let x = &inp[..n * c];
                 pool().install(|| forward_packed(&mut out, x, &packed, Some(&b), n, c, oc));
@@ -746,7 +803,7 @@ mod tests {
         let mut packed = vec![f16::ZERO; c * oc];
         pack_in_out(&mut packed, &w, c, oc);
         let want = reference(&inp, &rounded, &b, rows, c, oc);
-        for n in [rows, 1, 3, 4, 6, 7, 8] {
+        for n in [rows, 1, 3, 4, 6, 7, 8, 11, 16, 24] {
             let mut out = vec![0.0; n * oc];
             pool().install(|| forward_packed(&mut out, &inp[..n * c], &packed, Some(&b), n, c, oc));
             assert_eq!(out, want[..n * oc], "{n} rows");
