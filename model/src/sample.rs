@@ -2,6 +2,7 @@
 //! a counter-based RNG keyed by (seed, position), so a seeded request gives the same text
 //! however it is batched.
 
+use ferrite_kernels::cpu::{exp, exp_shifted};
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{mix, Rng};
@@ -75,11 +76,13 @@ pub fn distribution(logits: &[f32], p: &SamplingParams, out: &mut Vec<(u32, f32)
 }
 
 /// Softmax over sorted (token, scaled logit) pairs, then the top-p cut and renormalisation.
+/// The exponentials are the kernels' `exp`, which [`crossing`] computes in a vector loop
+/// with the same bits.
 fn normalise_sorted(out: &mut Vec<(u32, f32)>, top_p: f32) {
     let max = out[0].1;
     let mut sum = 0.0f64;
     for e in out.iter_mut() {
-        e.1 = (e.1 - max).exp();
+        e.1 = exp(e.1 - max);
         sum += e.1 as f64;
     }
     for e in out.iter_mut() {
@@ -185,6 +188,7 @@ fn draw_unsorted(c: &mut [(u32, f32)], top_p: f32, u: f64) -> u32 {
 
 /// Buckets of candidates by how far their scaled logit is below the maximum, 1/256 apart.
 const BUCKETS: usize = 8192;
+const _: () = assert!(BUCKETS <= 1 << 16, "bucket keys are u16");
 const BUCKETS_PER_UNIT: f32 = 256.0;
 
 /// For candidates (token, scaled logit) with weights exp(logit - max): the smallest m such
@@ -197,22 +201,31 @@ const BUCKETS_PER_UNIT: f32 = 256.0;
 fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usize, (u32, f32))> {
     CROSSING.with(|cell| {
         let scratch = &mut *cell.borrow_mut();
-        let Crossing { mass, count, bucket } = scratch;
-        let key = |v: f32| (((max - v) * BUCKETS_PER_UNIT) as usize).min(BUCKETS - 1);
-        let weight = |v: f32| (v - max).exp() as f64;
+        let Crossing { mass, count, bucket, keys, weights } = scratch;
+        // In range before the conversion (NaN too: `min` takes the other operand), so that
+        // the loop needs no saturation checks.
+        let key = |v: f32| ((max - v) * BUCKETS_PER_UNIT).min((BUCKETS - 1) as f32) as u16;
+        let weight = |v: f32| exp(v - max) as f64;
+        // Keys and weights first, the exponentials in one vector loop (libm's, one call per
+        // candidate, were a third of a token's draw), then the tallies.
+        keys.clear();
+        keys.extend(c.iter().map(|e| key(e.1)));
+        weights.clear();
+        weights.extend(c.iter().map(|e| e.1));
+        exp_shifted(weights, max);
         mass.clear();
         mass.resize(BUCKETS, 0.0);
         count.clear();
         count.resize(BUCKETS, 0);
-        for e in c {
-            let k = key(e.1);
-            mass[k] += weight(e.1);
-            count[k] += 1;
+        for (&k, &w) in keys.iter().zip(weights.iter()) {
+            mass[k as usize] += w as f64;
+            count[k as usize] += 1;
         }
         let target = frac * mass.iter().sum::<f64>();
         let crosses = |acc: f64| if strict { acc > target } else { acc >= target };
         let (mut acc, mut before) = (0.0f64, 0usize);
-        let kb = (0..BUCKETS).find(|&k| {
+        let kb = (0..BUCKETS as u16).find(|&k| {
+            let k = k as usize;
             if count[k] > 0 && crosses(acc + mass[k]) {
                 return true;
             }
@@ -221,7 +234,7 @@ fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usiz
             false
         })?;
         bucket.clear();
-        bucket.extend(c.iter().copied().filter(|e| key(e.1) == kb));
+        bucket.extend(c.iter().zip(keys.iter()).filter(|e| *e.1 == kb).map(|e| *e.0));
         bucket.sort_unstable_by(by_rank);
         for (j, &e) in bucket.iter().enumerate() {
             acc += weight(e.1);
@@ -242,6 +255,9 @@ struct Crossing {
     count: Vec<u32>,
     /// The crossing bucket's candidates.
     bucket: Vec<(u32, f32)>,
+    /// Each candidate's bucket and weight.
+    keys: Vec<u16>,
+    weights: Vec<f32>,
 }
 
 thread_local! {

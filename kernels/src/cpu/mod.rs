@@ -24,7 +24,7 @@ pub use half::f16;
 pub use kv_attention::{attention_cached, key_cache_len, store_keys, CachedSeq};
 pub use matvec::Weight;
 pub use pages::HugePageBuf;
-pub use softmax::log_sum_exp;
+pub use softmax::{exp, exp_shifted, log_sum_exp};
 
 /// Rows below this many elements are not worth sending to another thread.
 const MIN_PAR_ELEMS: usize = 1 << 14;
