@@ -186,10 +186,14 @@ fn draw_unsorted(c: &mut [(u32, f32)], top_p: f32, u: f64) -> u32 {
     }
 }
 
-/// Buckets of candidates by how far their scaled logit is below the maximum, 1/256 apart.
+/// Buckets of candidates by how far their scaled logit is below the maximum: the candidates'
+/// span cut in BUCKETS, or buckets 1/256 apart when it is wider than 32 (the last bucket
+/// then takes everything below). A flat distribution (an untrained model, a high
+/// temperature) spreads over the buckets as a peaked one does, rather than piling its
+/// 50k candidates into a few buckets that then have to be sorted.
 const BUCKETS: usize = 8192;
 const _: () = assert!(BUCKETS <= 1 << 16, "bucket keys are u16");
-const BUCKETS_PER_UNIT: f32 = 256.0;
+const MIN_BUCKETS_PER_UNIT: f32 = 256.0;
 
 /// For candidates (token, scaled logit) with weights exp(logit - max): the smallest m such
 /// that the weight of the m best in rank order reaches `frac` of the total (exceeds it when
@@ -204,7 +208,13 @@ fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usiz
         let Crossing { mass, count, bucket, keys, weights } = scratch;
         // In range before the conversion (NaN too: `min` takes the other operand), so that
         // the loop needs no saturation checks.
-        let key = |v: f32| ((max - v) * BUCKETS_PER_UNIT).min((BUCKETS - 1) as f32) as u16;
+        let span = max - c.iter().fold(max, |m, e| m.min(e.1));
+        let per_unit = if span > 0.0 {
+            (BUCKETS as f32 / span).max(MIN_BUCKETS_PER_UNIT)
+        } else {
+            MIN_BUCKETS_PER_UNIT
+        };
+        let key = |v: f32| ((max - v) * per_unit).min((BUCKETS - 1) as f32) as u16;
         let weight = |v: f32| exp(v - max) as f64;
         // Keys and weights first, the exponentials in one vector loop (libm's, one call per
         // candidate, were a third of a token's draw), then the tallies.
@@ -331,14 +341,16 @@ mod tests {
     #[test]
     fn unsorted_draw_over_a_large_vocabulary_matches_the_sorted_reference() {
         let mut rng = Rng::new(5);
-        // Flat logits (a random model), peaked ones (a trained one), and many exact ties.
+        // Flat logits (a high temperature), peaked ones (a trained model), many exact ties.
         let flat: Vec<f32> = (0..50_257).map(|_| rng.next_f64() as f32 * 0.5).collect();
         let peaked: Vec<f32> = (0..50_257)
             .map(|_| (rng.next_f64() as f32 - 0.5) * 2.0)
             .map(|x| x * x * x * 20.0)
             .collect();
         let ties: Vec<f32> = (0..3000).map(|i| (i % 7) as f32 * 0.25).collect();
-        for logits in [&flat, &peaked, &ties] {
+        // An untrained model's: every logit within 0.005 of the others.
+        let flatter: Vec<f32> = flat.iter().map(|x| x * 0.01).collect();
+        for logits in [&flat, &peaked, &ties, &flatter] {
             for (temperature, top_k, top_p) in
                 [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 2000, 1.0), (1.0, 1000, 0.5), (2.0, 0, 0.3)]
             {
