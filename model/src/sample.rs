@@ -206,14 +206,14 @@ fn crossing(c: &[(u32, f32)], max: f32, frac: f64, strict: bool) -> Option<(usiz
     CROSSING.with(|cell| {
         let scratch = &mut *cell.borrow_mut();
         let Crossing { mass, count, bucket, keys, weights } = scratch;
-        // In range before the conversion (NaN too: `min` takes the other operand), so that
-        // the loop needs no saturation checks.
         let span = max - c.iter().fold(max, |m, e| m.min(e.1));
         let per_unit = if span > 0.0 {
             (BUCKETS as f32 / span).max(MIN_BUCKETS_PER_UNIT)
         } else {
             MIN_BUCKETS_PER_UNIT
         };
+        // In range before the conversion (NaN too: `min` takes the other operand), so that
+        // the loop needs no saturation checks.
         let key = |v: f32| ((max - v) * per_unit).min((BUCKETS - 1) as f32) as u16;
         let weight = |v: f32| exp(v - max) as f64;
         // Keys and weights first, the exponentials in one vector loop (libm's, one call per
