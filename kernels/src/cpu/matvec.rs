@@ -277,9 +277,9 @@ struct Ahead {
 impl Ahead {
     const NONE: Ahead = Ahead { ptr: std::ptr::null(), lines: 0, stride: 0 };
 
-    /// Part `k` of `parts` of each row's lines, for one of several tiles to fetch.
-    fn part(self, k: usize, parts: usize) -> Ahead {
-        let (a, b) = (self.lines * k / parts, self.lines * (k + 1) / parts);
+    /// Half `k` (0 or 1) of each row's lines: the share of one half-panel tile.
+    fn half(self, k: usize) -> Ahead {
+        let (a, b) = (self.lines * k / 2, self.lines * (k + 1) / 2);
         Ahead { ptr: self.ptr.wrapping_add(64 * a), lines: b - a, ..self }
     }
 
@@ -404,7 +404,7 @@ impl Tiles {
                         let rt = rt.min(rows - r0);
                         let (d, x) = (DstTile { r0, j0: dst.j0 + half, ..dst }, x(r0, rt));
                         let first =
-                            if r0 == 0 { ahead.part(half / (PANEL / 2), 2) } else { Ahead::NONE };
+                            if r0 == 0 { ahead.half(half / (PANEL / 2)) } else { Ahead::NONE };
                         let h = half;
                         // SAFETY: as below; columns half..half + 32 of the panel.
                         unsafe {
