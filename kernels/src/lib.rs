@@ -56,6 +56,39 @@ pub enum WeightLayout {
     OutIn,
 }
 
+/// How the CPU backend's linear layers multiply (`[train] matmul_precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// Exact f32 products (the gemm crate).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products summed in f32, on AMX tiles: PyTorch's bf16
+    /// autocast for the linear layers. Weights, gradients, optimizer state, attention and
+    /// the rest stay f32.
+    Bf16,
+}
+
+impl std::str::FromStr for MatmulPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(MatmulPrecision::F32),
+            "bf16" => Ok(MatmulPrecision::Bf16),
+            _ => Err(format!("`{s}` is not a matmul precision (f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for MatmulPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// Hyper-parameters of one AdamW update.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {

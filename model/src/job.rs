@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use ferrite_kernels::MatmulPrecision;
+
 use crate::{GptConfig, ModelError};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,9 @@ pub struct TrainSection {
     pub seed: u64,
     /// CPU threads per worker (0: all cores).
     pub threads: usize,
+    /// How the linear layers multiply on CPU workers: "f32", or "bf16" (operands rounded
+    /// to bf16, sums in f32, on AMX; f32 where the CPU has no AMX-BF16).
+    pub matmul_precision: MatmulPrecision,
     /// Continue exactly from this checkpoint folder.
     pub resume: Option<PathBuf>,
     /// Start from these weights (ours or a Hugging Face GPT-2 checkpoint).
@@ -101,6 +106,7 @@ impl Default for TrainSection {
             eval_steps: 20,
             seed: 1337,
             threads: 0,
+            matmul_precision: MatmulPrecision::F32,
             resume: None,
             init_from: None,
         }
@@ -245,6 +251,17 @@ checkpoint_interval = 500
         assert_eq!(spec.train.beta2, 0.99);
         assert_eq!(spec.output.checkpoint_interval, 500);
         assert_eq!(spec.kind, JobKind::Pretrain);
+        assert_eq!(spec.train.matmul_precision, MatmulPrecision::F32);
+    }
+
+    #[test]
+    fn matmul_precision_is_read_and_a_bad_one_named() {
+        let with =
+            |p: &str| JOB.replace("threads = 2", &format!("threads = 2\nmatmul_precision = {p}"));
+        let spec = JobSpec::parse(&with("\"bf16\"")).unwrap();
+        assert_eq!(spec.train.matmul_precision, MatmulPrecision::Bf16);
+        let err = JobSpec::parse(&with("\"fp8\"")).unwrap_err().to_string();
+        assert!(err.contains("fp8") && err.contains("matmul_precision"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferrite_kernels::cuda::Device;
-use ferrite_kernels::{Backend, CpuBackend};
+use ferrite_kernels::Backend;
 use ferrite_model::JobSpec;
 use ferrite_proto::v1 as pb;
 use ferrite_security::{connect, AuthChannel, Credentials};
@@ -519,7 +519,7 @@ impl RankRun {
             .map_err(WorkerError::Collective)?;
         let listener = self.listener.try_clone().map_err(WorkerError::io("collective listener"))?;
         let token = ring_token(&a.job_id, a.attempt);
-        let be = Arc::new(CpuBackend::new(spec.train.threads)?);
+        let be = Arc::new(crate::trainer::cpu_backend(&spec.train)?);
         if self.stop.load(Ordering::Relaxed) {
             return Err(WorkerError::Stopped { step: 0 });
         }

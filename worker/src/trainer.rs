@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrite_data::Dataset;
-use ferrite_kernels::{AdamW, Backend};
+use ferrite_kernels::{AdamW, Backend, CpuBackend};
 use ferrite_model::checkpoint::{self, TrainerState};
+use ferrite_model::job::TrainSection;
 use ferrite_model::schedule::lr_at;
 use ferrite_model::{Gpt, JobSpec};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,21 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Sampler, Split};
 use crate::collective::{Bucketer, Collective};
 use crate::WorkerError;
+
+/// The CPU backend of a job: its threads, and its matmul precision where the CPU has it (bf16
+/// needs AMX-BF16; elsewhere the job runs in f32, and says so on stderr).
+pub fn cpu_backend(train: &TrainSection) -> Result<CpuBackend, WorkerError> {
+    let mut be = CpuBackend::new(train.threads)?;
+    let got = be.set_matmul_precision(train.matmul_precision);
+    if got != train.matmul_precision {
+        tracing::warn!(asked = %train.matmul_precision, running = %got, "no AMX-BF16 on this CPU");
+        eprintln!(
+            "matmul_precision {}: this CPU has no AMX-BF16; running {got}",
+            train.matmul_precision
+        );
+    }
+    Ok(be)
+}
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

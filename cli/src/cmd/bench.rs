@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
-use ferrite_kernels::{AdamW, Backend, CpuBackend, WeightLayout};
+use ferrite_kernels::{AdamW, Backend, CpuBackend, MatmulPrecision, WeightLayout};
 use ferrite_model::{Gpt, GptConfig};
 
 #[derive(Subcommand)]
@@ -59,6 +59,9 @@ pub struct MatmulArgs {
     reps: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// f32, or bf16 (operands rounded to bf16, f32 sums, on AMX).
+    #[arg(long, default_value = "f32")]
+    precision: MatmulPrecision,
 }
 
 #[derive(Args)]
@@ -86,6 +89,9 @@ pub struct StepArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: ferrite_kernels::cuda::Device,
+    /// The linear layers' precision on the CPU: f32, or bf16 (on AMX).
+    #[arg(long, default_value = "f32")]
+    precision: MatmulPrecision,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -102,8 +108,16 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// A CPU backend whose linear layers run at `p`, or an error where the CPU lacks it.
+fn cpu_at(threads: usize, p: MatmulPrecision) -> anyhow::Result<CpuBackend> {
+    let mut be = CpuBackend::new(threads)?;
+    let got = be.set_matmul_precision(p);
+    anyhow::ensure!(got == p, "--precision {p}: this CPU has no AMX-BF16");
+    Ok(be)
+}
+
 fn matmul(a: MatmulArgs) -> anyhow::Result<()> {
-    let be = CpuBackend::new(a.threads)?;
+    let be = cpu_at(a.threads, a.precision)?;
     let inp: Vec<f32> = (0..a.m * a.k).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     let w: Vec<f32> = (0..a.k * a.n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
     let mut out = vec![0.0f32; a.m * a.n];
@@ -123,7 +137,7 @@ fn matmul(a: MatmulArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"peer": "ferrite", "bench": "matmul", "gflops": gflops, "ms": t * 1e3,
-            "m": a.m, "k": a.k, "n": a.n, "threads": a.threads})
+            "m": a.m, "k": a.k, "n": a.n, "threads": a.threads, "precision": a.precision.to_string()})
     );
     Ok(())
 }
@@ -131,7 +145,7 @@ fn matmul(a: MatmulArgs) -> anyhow::Result<()> {
 fn step(a: StepArgs) -> anyhow::Result<()> {
     use ferrite_kernels::cuda::Device;
     match a.device {
-        Device::Cpu => step_on(&CpuBackend::new(a.threads)?, a),
+        Device::Cpu => step_on(&cpu_at(a.threads, a.precision)?, a),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => step_on(&ferrite_kernels::cuda::CudaBackend::new(i)?, a),
         #[cfg(not(feature = "cuda"))]

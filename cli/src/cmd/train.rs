@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use ferrite_kernels::cuda::Device;
-use ferrite_kernels::{Backend, CpuBackend};
+use ferrite_kernels::Backend;
 use ferrite_model::JobSpec;
-use ferrite_worker::trainer::Event;
+use ferrite_worker::trainer::{cpu_backend, Event};
 use ferrite_worker::{Single, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -39,7 +39,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         spec.train.max_steps = n;
     }
     match args.device {
-        Device::Cpu => train_on(Arc::new(CpuBackend::new(spec.train.threads)?), spec, args.plain),
+        Device::Cpu => train_on(Arc::new(cpu_backend(&spec.train)?), spec, args.plain),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
             let be = ferrite_kernels::cuda::CudaBackend::new(i)?;

@@ -5,15 +5,16 @@
 
 use gemm::{gemm, Parallelism};
 
+use super::amx::{self, Scratch};
 use super::{par_ranges, SendPtr};
 use crate::WeightLayout;
 
 /// A strided read-only matrix: element (i, j) is at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
+pub(super) struct Mat {
+    pub(super) ptr: *const f32,
+    pub(super) rs: isize,
+    pub(super) cs: isize,
 }
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
@@ -29,7 +30,7 @@ impl Mat {
 
 /// What dst holds before the product is added to it.
 #[derive(Clone, Copy)]
-enum Init<'a> {
+pub(super) enum Init<'a> {
     Zero,
     /// Keep dst's values (gradients accumulate).
     Dst,
@@ -38,12 +39,14 @@ enum Init<'a> {
     Bias(&'a [f32]),
 }
 
-/// dst (m,n) (row-major, `ld` columns apart) = init + lhs (m,k) @ rhs (k,n).
+/// dst (m,n) (row-major, `ld` columns apart) = init + lhs (m,k) @ rhs (k,n); in bf16
+/// products on AMX tiles when `bf16` is given (the caller checked `amx::available()`).
 ///
 /// # Safety
 /// `dst` must hold m rows of `ld` elements and lhs/rhs must cover the strided ranges.
 #[allow(clippy::too_many_arguments)]
 unsafe fn par_gemm(
+    bf16: Option<&Scratch>,
     m: usize,
     n: usize,
     k: usize,
@@ -54,6 +57,10 @@ unsafe fn par_gemm(
     rhs: Mat,
     threads: usize,
 ) {
+    if let Some(scratch) = bf16 {
+        // SAFETY: the caller's bounds; AMX checked by the backend.
+        return unsafe { amx::gemm(scratch, m, n, k, dst, ld, init, lhs, rhs, threads) };
+    }
     let dst = SendPtr(dst);
     let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
         let (dst, lhs, rhs) = (dst, lhs, rhs);
@@ -114,6 +121,7 @@ fn weight_mat(w: &[f32], layout: WeightLayout, c: usize, oc: usize) -> Mat {
 /// out (n,oc) = inp (n,c) @ w + bias
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
+    bf16: Option<&Scratch>,
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -131,12 +139,15 @@ pub fn forward(
     };
     let wm = weight_mat(w, layout, c, oc);
     // SAFETY: sizes asserted above.
-    unsafe { par_gemm(n, oc, c, out.as_mut_ptr(), oc, init, Mat::row_major(inp, c), wm, threads) }
+    unsafe {
+        par_gemm(bf16, n, oc, c, out.as_mut_ptr(), oc, init, Mat::row_major(inp, c), wm, threads)
+    }
 }
 
 /// dinp (n,c) = dout @ w^T; dw += inp^T @ dout (in w's layout); dbias += column sums of dout.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
+    bf16: Option<&Scratch>,
     dinp: &mut [f32],
     dw: &mut [f32],
     dbias: Option<&mut [f32]>,
@@ -158,10 +169,22 @@ pub fn backward(
     };
     // SAFETY: sizes asserted above.
     unsafe {
-        par_gemm(n, c, oc, dinp.as_mut_ptr(), c, Init::Zero, Mat::row_major(dout, oc), wt, threads);
+        par_gemm(
+            bf16,
+            n,
+            c,
+            oc,
+            dinp.as_mut_ptr(),
+            c,
+            Init::Zero,
+            Mat::row_major(dout, oc),
+            wt,
+            threads,
+        );
         match layout {
             // dw (c,oc) += inp^T (c,n) @ dout (n,oc)
             WeightLayout::InOut => par_gemm(
+                bf16,
                 c,
                 oc,
                 n,
@@ -174,6 +197,7 @@ pub fn backward(
             ),
             // dw (oc,c) += dout^T (oc,n) @ inp (n,c)
             WeightLayout::OutIn => par_gemm(
+                bf16,
                 oc,
                 c,
                 n,

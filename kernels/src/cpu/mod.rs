@@ -2,6 +2,32 @@
 //! a fixed size. Each op's module holds its forward and backward side by side.
 
 mod adamw;
+#[cfg(target_arch = "x86_64")]
+mod amx;
+/// No AMX tiles off x86-64: bf16 products are never in effect there.
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    #[derive(Default)]
+    pub(crate) struct Scratch;
+    pub fn available() -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm(
+        _: &Scratch,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: super::matmul::Init,
+        _: super::matmul::Mat,
+        _: super::matmul::Mat,
+        _: usize,
+    ) {
+        unreachable!("no Scratch is made where AMX is unavailable")
+    }
+}
 mod attention;
 mod crossentropy;
 mod encoder;
@@ -17,7 +43,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::{AdamW, Backend, KernelError, Result, WeightLayout};
+use crate::{AdamW, Backend, KernelError, MatmulPrecision, Result, WeightLayout};
 
 pub use attention::MAX_SEQ_LEN;
 pub use half::f16;
@@ -32,6 +58,8 @@ const MIN_PAR_ELEMS: usize = 1 << 14;
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    /// The packed operands of bf16 products; `None` while the linear layers run in f32.
+    bf16: Option<amx::Scratch>,
 }
 
 impl CpuBackend {
@@ -43,11 +71,28 @@ impl CpuBackend {
             .build()
             .map_err(|e| KernelError::ThreadPool(e.to_string()))?;
         let threads = pool.current_num_threads();
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend { pool, threads, bf16: None })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Sets how the linear layers multiply and returns the precision in effect: bf16 needs
+    /// AMX-BF16 (Intel Xeon from Sapphire Rapids on); elsewhere they stay f32.
+    pub fn set_matmul_precision(&mut self, p: MatmulPrecision) -> MatmulPrecision {
+        self.bf16 = match p {
+            MatmulPrecision::Bf16 if amx::available() => Some(amx::Scratch::default()),
+            _ => None,
+        };
+        self.matmul_precision()
+    }
+
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        match self.bf16 {
+            Some(_) => MatmulPrecision::Bf16,
+            None => MatmulPrecision::F32,
+        }
     }
 }
 
@@ -90,7 +135,10 @@ impl Backend for CpuBackend {
     type ViewMut<'a> = &'a mut [f32];
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        match self.bf16 {
+            Some(_) => format!("cpu ({} threads, bf16 matmuls on AMX)", self.threads),
+            None => format!("cpu ({} threads)", self.threads),
+        }
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -227,7 +275,7 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) {
-        matmul::forward(out, inp, weight, bias, layout, n, c, oc, self.threads)
+        matmul::forward(self.bf16.as_ref(), out, inp, weight, bias, layout, n, c, oc, self.threads)
     }
 
     fn matmul_backward(
@@ -243,7 +291,20 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) {
-        matmul::backward(dinp, dweight, dbias, dout, inp, weight, layout, n, c, oc, self.threads)
+        matmul::backward(
+            self.bf16.as_ref(),
+            dinp,
+            dweight,
+            dbias,
+            dout,
+            inp,
+            weight,
+            layout,
+            n,
+            c,
+            oc,
+            self.threads,
+        )
     }
 
     fn attention_forward(
