@@ -4,6 +4,9 @@
 # of both figures and their ratio; BENCHMARKS.md records its output.
 #   bench/run.sh [path/to/tinyshakespeare.txt]     (THREADS=2 by default)
 #
+# PRECISION=bf16 runs Ferrite's linear layers in bf16 on AMX (`--precision`, the job's
+# `matmul_precision`) and PyTorch twice, in f32 and under bf16 autocast, each with its ratio.
+#
 # `bench/run.sh decode` instead sets the serving decode speed (`ferrite bench decode`) beside
 # Hugging Face transformers (`bench/hf_decode.py`): ROUNDS (3) rounds, each running Ferrite
 # then transformers back to back, so both see the same load; every round's figures and
@@ -57,31 +60,51 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 last() { tail -n 1; }
 
-fm=$($F bench matmul --threads "$threads" | last)
+precision=${PRECISION:-f32}
+fm=$($F bench matmul --threads "$threads" --precision "$precision" | last)
 pm=$($P bench/torch_gpt.py matmul --threads "$threads" --reps 20 | last)
-fs=$($F bench step --threads "$threads" --steps 3 | last)
+fs=$($F bench step --threads "$threads" --steps 3 --precision "$precision" | last)
 ps=$($P bench/torch_gpt.py gpt2 --threads "$threads" --steps 3 | last)
 
 $F data prepare --tokenizer char --val-fraction 0.1 --out "$work/data" "$data" >&2
 sed -e "s|data-out/shakespeare_char|$work/data|" -e "s|out/shakespeare_char|$work/out|" \
-    -e "s|threads = 2|threads = $threads|" examples/shakespeare_char.toml > "$work/job.toml"
+    -e "s|threads = 2|threads = $threads\nmatmul_precision = \"$precision\"|" \
+    examples/shakespeare_char.toml > "$work/job.toml"
 $F train "$work/job.toml" --plain 2>"$work/train.log"
-pc=$($P bench/torch_gpt.py char --threads "$threads" --data "$data" --steps 2000 \
-    --eval-interval 250 --eval-steps 20 | last)
+char() { $P bench/torch_gpt.py char --threads "$threads" --data "$data" --steps 2000 \
+    --eval-interval 250 --eval-steps 20 "$@" | last; }
+pc=$(char)
+# PyTorch under bf16 autocast too, when Ferrite runs bf16.
+pm16=null ps16=null pc16=null
+if [ "$precision" = bf16 ]; then
+    pm16=$($P bench/torch_gpt.py matmul --threads "$threads" --reps 20 --autocast bf16 | last)
+    ps16=$($P bench/torch_gpt.py gpt2 --threads "$threads" --steps 3 --autocast bf16 | last)
+    pc16=$(char --autocast bf16)
+fi
 
-FM="$fm" PM="$pm" FS="$fs" PS="$ps" PC="$pc" METRICS="$work/out/metrics.jsonl" python3 - <<'PY'
+FM="$fm" PM="$pm" FS="$fs" PS="$ps" PC="$pc" PM16="$pm16" PS16="$ps16" PC16="$pc16" \
+    PRECISION="$precision" METRICS="$work/out/metrics.jsonl" python3 - <<'PY'
 import json, os, statistics
-fm, pm = json.loads(os.environ["FM"]), json.loads(os.environ["PM"])
-fs, ps = json.loads(os.environ["FS"]), json.loads(os.environ["PS"])
-pc = json.loads(os.environ["PC"])
+e = {k: json.loads(os.environ[k]) for k in ("FM", "PM", "FS", "PS", "PC", "PM16", "PS16", "PC16")}
+bf16 = e["PM16"] is not None
 rows = [json.loads(l) for l in open(os.environ["METRICS"])]
 ms = statistics.mean(r["step_ms"] for r in rows[10:])
 val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
-print("| benchmark | Ferrite | PyTorch | Ferrite / PyTorch |")
-print("|---|---|---|---|")
-print(f"| f32 matmul 1024×3072×768, GFLOP/s | {fm['gflops']:.0f} | {pm['gflops']:.0f} | {fm['gflops']/pm['gflops']:.2f}× throughput |")
-print(f"| GPT-2-124M shape step (B4, T256), ms | {fs['ms_per_step']:.0f} | {ps['ms_per_step']:.0f} | {fs['ms_per_step']/ps['ms_per_step']:.2f}× time |")
-print(f"| char Shakespeare step (B12, T64), ms/iter | {ms:.1f} | {pc['ms_per_iter']:.1f} | {ms/pc['ms_per_iter']:.2f}× time |")
-print(f"| char Shakespeare tokens/s | {768/ms*1e3:.0f} | {pc['tokens_per_s']:.0f} | |")
-print(f"| char Shakespeare val loss at step 2000 | {val:.4f} | {pc['val_loss']:.4f} | |")
+head = f"| benchmark | Ferrite ({os.environ['PRECISION']}) | PyTorch f32 | Ferrite / PyTorch f32 |"
+if bf16:
+    head += " PyTorch bf16 autocast | Ferrite / PyTorch bf16 |"
+print(head)
+print("|---" * (6 if bf16 else 4) + "|")
+def line(name, ours, theirs, fmt, how):
+    out = f"| {name} | {ours:{fmt}} |"
+    for t in theirs:
+        r = ours / t
+        out += f" {t:{fmt}} | {r:.2f}× {how} |" if how else f" {t:{fmt}} | |"
+    print(out)
+pick = lambda k, f: [f(e[k])] + ([f(e[k + "16"])] if bf16 else [])
+line("matmul 1024×3072×768 of f32 operands, GFLOP/s", e["FM"]["gflops"], pick("PM", lambda j: j["gflops"]), ".0f", "throughput")
+line("GPT-2-124M shape step (B4, T256), ms", e["FS"]["ms_per_step"], pick("PS", lambda j: j["ms_per_step"]), ".0f", "time")
+line("char Shakespeare step (B12, T64), ms/iter", ms, pick("PC", lambda j: j["ms_per_iter"]), ".1f", "time")
+line("char Shakespeare tokens/s", 768 / ms * 1e3, pick("PC", lambda j: j["tokens_per_s"]), ".0f", "")
+line("char Shakespeare val loss at step 2000", val, pick("PC", lambda j: j["val_loss"]), ".4f", "")
 PY

@@ -173,8 +173,11 @@ def lr_at(it, lr, min_lr, warmup, decay_steps):
     return min_lr + coeff * (lr - min_lr)
 
 
-def train_step(model, opt, x, y, grad_clip):
-    _, loss = model(x, y)
+def train_step(model, opt, x, y, grad_clip, autocast=False):
+    # bf16 autocast: the linear layers' operands in bf16 (oneDNN, AMX where present), the
+    # master weights, gradients and optimizer in f32; Ferrite's `matmul_precision = "bf16"`.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, loss = model(x, y)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -221,7 +224,8 @@ def cmd_char(args):
         model.eval()
         out = {}
         for split in ("train", "val"):
-            losses = [model(*get_batch(split))[1].item() for _ in range(args.eval_steps)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                losses = [model(*get_batch(split))[1].item() for _ in range(args.eval_steps)]
             out[split] = sum(losses) / len(losses)
         model.train()
         return out
@@ -237,7 +241,7 @@ def cmd_char(args):
             g["lr"] = lr
         x, y = get_batch("train")
         t0 = time.perf_counter()
-        loss = train_step(model, opt, x, y, args.grad_clip)
+        loss = train_step(model, opt, x, y, args.grad_clip, args.autocast == "bf16")
         times.append(time.perf_counter() - t0)
         if it % args.log_interval == 0:
             log(f"iter {it}: loss {loss:.4f}, {times[-1] * 1e3:.1f} ms, lr {lr:.2e}")
@@ -255,6 +259,7 @@ def cmd_char(args):
         "train_loss": round(losses["train"], 4),
         "steps": args.steps,
         "threads": torch.get_num_threads(),
+        "autocast": args.autocast,
         "torch": torch.__version__,
     })
 
@@ -283,7 +288,7 @@ def cmd_gpt2(args):
     times = []
     for it in range(args.steps):
         t0 = time.perf_counter()
-        loss = train_step(model, opt, x, y, args.grad_clip)
+        loss = train_step(model, opt, x, y, args.grad_clip, args.autocast == "bf16")
         times.append(time.perf_counter() - t0)
         log(f"step {it}: loss {loss:.4f}, {times[-1] * 1e3:.1f} ms")
 
@@ -308,6 +313,7 @@ def cmd_gpt2(args):
         "seq_len": T,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
+        "autocast": args.autocast,
         "torch": torch.__version__,
     })
 
@@ -352,6 +358,8 @@ def ddp_rank(rank, args, port, queue):
 
 
 def cmd_ddp(args):
+    if args.autocast != "none":
+        sys.exit("ddp: --autocast is not supported")
     import socket
 
     import torch.multiprocessing as mp
@@ -380,6 +388,7 @@ def cmd_ddp(args):
         "seq_len": args.seq_len,
         "ms_per_step": round(ms, 3),
         "threads_per_rank": args.threads,
+        "autocast": args.autocast,
         "torch": torch.__version__,
     })
 
@@ -393,12 +402,21 @@ def cmd_matmul(args):
     a = torch.randn(m, k, dtype=torch.float32)
     b = torch.randn(k, n, dtype=torch.float32)
     c = torch.empty(m, n, dtype=torch.float32)
+    bf16 = args.autocast == "bf16"
+
+    def mm():
+        if bf16:
+            # As under autocast: both f32 operands rounded to bf16 on every call.
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.mm(a, b)
+        return torch.mm(a, b, out=c)
+
     for _ in range(args.warmup):
-        torch.mm(a, b, out=c)
+        mm()
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
+        mm()
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     gflops = 2.0 * m * k * n / t / 1e9
@@ -411,6 +429,7 @@ def cmd_matmul(args):
         "m": m, "k": k, "n": n,
         "reps": args.reps,
         "threads": torch.get_num_threads(),
+        "autocast": args.autocast,
         "torch": torch.__version__,
     })
 
@@ -427,6 +446,8 @@ def main():
         # Also accept --threads after the subcommand.
         sp.add_argument("--threads", type=int, default=argparse.SUPPRESS)
         sp.add_argument("--seed", type=int, default=1337)
+        sp.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="bf16: run the model (or the product) under torch.autocast to bf16")
 
     c = sub.add_parser("char", help="char-level Shakespeare training")
     common(c)
