@@ -104,3 +104,33 @@ fn weights_outside_f16_range_are_refused_for_f16_and_kept_for_f32() {
     assert!(err.to_string().contains("Wte holds 1000000, outside f16's range"), "{err}");
     assert!(Generator::new(cfg, params, 1, WeightDtype::F32).is_ok());
 }
+
+#[test]
+fn bf16_weights_decode_close_to_f32_and_chunking_keeps_their_bits() {
+    let (cfg, params, _, _) = model();
+    let tokens: Vec<u32> = vec![3, 17, 5, 5, 22, 0, 9, 11];
+    let made = Generator::new(cfg.clone(), params.clone(), 2, WeightDtype::Bf16);
+    if !ferrite_kernels::cpu::amx::available() {
+        // Refused by name where the CPU cannot run it.
+        let err = made.err().expect("bf16 without AMX is refused").to_string();
+        assert!(err.contains("AMX-BF16"), "{err}");
+        eprintln!("bf16 decoding skipped: this CPU has no AMX-BF16 (the refusal was checked)");
+        return;
+    }
+    let mut bf16 = made.unwrap();
+    let got = bf16.feed(&tokens).unwrap().to_vec();
+    let mut full = Generator::new(cfg.clone(), params.clone(), 2, WeightDtype::F32).unwrap();
+    let want = full.feed(&tokens).unwrap().to_vec();
+    assert_ne!(got, want, "bf16 products are rounded");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 5e-2 * scale, "logit {j}: {a} (bf16) vs {b} (f32)");
+    }
+    // Each row's products are its own: one token at a time gives the prompt's bits.
+    let mut steps = Generator::new(cfg, params, 1, WeightDtype::Bf16).unwrap();
+    let mut last = Vec::new();
+    for &t in &tokens {
+        last = steps.feed(&[t]).unwrap().to_vec();
+    }
+    assert_eq!(last, got);
+}

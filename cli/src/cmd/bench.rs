@@ -40,9 +40,10 @@ pub struct DecodeArgs {
     /// Serve this checkpoint folder instead of random GPT-2-124M weights.
     #[arg(long)]
     checkpoint: Option<std::path::PathBuf>,
-    /// Number format of the weight matrices in memory: f32 (the checkpoint's values) or f16
+    /// Number format of the weight matrices in memory: f32 (the checkpoint's values), f16
     /// (rounded once; half the memory, and decoding, which reads every weight per token, up
-    /// to twice as fast). Arithmetic is f32 either way.
+    /// to twice as fast; arithmetic in f32), or bf16 (f16's bytes, with the linear layers'
+    /// inputs rounded to bf16 too, on AMX tiles: needs AMX-BF16).
     #[arg(long, default_value = "f32")]
     dtype: ferrite_model::generate::WeightDtype,
 }

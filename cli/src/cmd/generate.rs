@@ -52,9 +52,10 @@ pub struct GenerateArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Number format of the weight matrices in memory: f32 (the checkpoint's values) or f16
+    /// Number format of the weight matrices in memory: f32 (the checkpoint's values), f16
     /// (rounded once; half the memory, and decoding, which reads every weight per token, up
-    /// to twice as fast). Arithmetic is f32 either way.
+    /// to twice as fast; arithmetic in f32), or bf16 (f16's bytes, with the linear layers'
+    /// inputs rounded to bf16 too, on AMX tiles: needs AMX-BF16).
     #[arg(long, default_value = "f32", conflicts_with = "server")]
     pub dtype: WeightDtype,
     /// With --server: `--tls-ca` for https:// and a token with role read.

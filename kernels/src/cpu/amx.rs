@@ -24,6 +24,7 @@ use std::sync::{Mutex, OnceLock};
 
 use super::matmul::{Init, Mat};
 use super::par_ranges;
+use crate::WeightLayout;
 
 /// Rows (or columns) of a tile.
 const T: usize = 16;
@@ -32,6 +33,8 @@ const TK: usize = 32;
 /// The packed panels of the operand read again for each block of the other are cut to about
 /// this many bytes a k-cut, so they stay in L2 (2 MiB a core on these Xeons).
 const L2_PANEL_BYTES: usize = 1 << 20;
+/// Steps along k that a streamed right operand is prefetched ahead.
+const AHEAD: usize = 8;
 
 /// One 64-byte row of a tile: 32 bf16 bit patterns.
 #[derive(Clone, Copy)]
@@ -40,7 +43,7 @@ pub(crate) struct Line([u16; TK]);
 
 /// The packed operands of one product, kept between calls (grown, never shrunk).
 #[derive(Default)]
-pub(crate) struct Scratch(Mutex<Vec<Line>>);
+pub struct Scratch(Mutex<Vec<Line>>);
 
 /// Whether this CPU and OS run the kernels below: AMX-BF16 tiles, AVX-512 BF16 for the
 /// packing, and the tile state granted to this process by Linux. Checked once.
@@ -95,7 +98,7 @@ impl Packed {
 /// `available()` is true; `dst` holds m rows of `ld` elements; lhs and rhs cover their
 /// strided ranges and each has a unit stride along rows or columns.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(
+pub(super) unsafe fn gemm(
     scratch: &Scratch,
     m: usize,
     n: usize,
@@ -132,15 +135,39 @@ pub(crate) unsafe fn gemm(
         }
     });
 
-    // Pass 2: the larger dimension is split between tasks; the smaller one's panels are
-    // read again for every block of the larger, so k is cut to keep them in L2.
+    // SAFETY: the caller's bounds; the tiles are packed.
+    unsafe { products::<false>(a, b, steps, m, n, dst, ld, init, threads) }
+}
+
+/// Pass 2 of a product over packed tiles: dst (m,n) = init + A @ B. The larger dimension is
+/// split between tasks; the smaller one's panels are read again for every block of the
+/// larger, so k is cut to keep them in L2.
+///
+/// # Safety
+/// `available()`; a and b hold the packed tiles of (m, k) and (k, n) (`steps` along k);
+/// dst holds m rows of `ld`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn products<const STREAM: bool>(
+    a: Packed,
+    b: Packed,
+    steps: usize,
+    m: usize,
+    n: usize,
+    dst: *mut f32,
+    ld: usize,
+    init: Init,
+    threads: usize,
+) {
+    let (mb, nb) = (m.div_ceil(2 * T), n.div_ceil(2 * T));
     let rows_outer = m >= n;
     let small = if rows_outer { nb } else { mb };
     let per_step = small * 2 * T * TK * 2;
     let cut = (L2_PANEL_BYTES / per_step.max(1)).clamp(1, steps);
     let dst = super::SendPtr(dst);
     let outer = if rows_outer { mb } else { nb };
-    par_ranges(outer, threads, 1, |range| {
+    // Up to 16 rows (decode steps) need one row of tiles: four column tiles a step.
+    let one_row = m <= T;
+    par_ranges(outer, threads, if one_row { 2 } else { 1 }, |range| {
         // SAFETY: tasks own disjoint blocks of dst; the packed tiles are only read.
         unsafe {
             let cfg = TileConfig::new();
@@ -153,17 +180,110 @@ pub(crate) unsafe fn gemm(
             for s0 in (0..steps).step_by(cut) {
                 let ks = s0..(s0 + cut).min(steps);
                 let load = !(fresh && s0 == 0);
+                if one_row {
+                    let mut o = range.start;
+                    while o < range.end {
+                        let out = Out { dst: dst.get(), ld, m, n, bi: 0, bj: o };
+                        if o + 1 < range.end {
+                            row_block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
+                            o += 2;
+                        } else {
+                            block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
+                            o += 1;
+                        }
+                    }
+                    continue;
+                }
                 for o in range.clone() {
                     for i in 0..small {
                         let (bi, bj) = if rows_outer { (o, i) } else { (i, o) };
                         let out = Out { dst: dst.get(), ld, m, n, bi, bj };
-                        block(a, b, steps, ks.clone(), out, load, &mut edge);
+                        block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
                     }
                 }
             }
             tile_release();
         }
     });
+}
+
+/// u16 elements of a (c, oc) weight packed by [`pack_weight`] (whole blocks of 32 columns
+/// and of 32 along c).
+pub fn weight_len(c: usize, oc: usize) -> usize {
+    2 * oc.div_ceil(2 * T) * c.div_ceil(TK) * T * TK
+}
+
+/// Packs the weight `w` of a linear layer (c inputs, oc outputs; stored (c, oc) for
+/// `InOut`, (oc, c) for `OutIn`) once into `dst` (bf16 bit patterns, `weight_len` long), as
+/// the right operand of [`forward_packed`].
+///
+/// # Panics
+/// When the CPU lacks AMX-BF16 or the sizes disagree.
+pub fn pack_weight(dst: &mut [u16], w: &[f32], layout: WeightLayout, c: usize, oc: usize) {
+    assert!(available(), "pack_weight: this CPU has no AMX-BF16");
+    assert!(dst.len() == weight_len(c, oc) && w.len() == c * oc, "pack_weight: sizes");
+    let rhs = match layout {
+        WeightLayout::InOut => Mat { ptr: w.as_ptr(), rs: oc as isize, cs: 1 },
+        WeightLayout::OutIn => Mat { ptr: w.as_ptr(), rs: 1, cs: c as isize },
+    };
+    let (steps, blocks) = (c.div_ceil(TK), 2 * oc.div_ceil(2 * T));
+    let b = Packed(dst.as_mut_ptr().cast());
+    par_ranges(blocks, rayon::current_num_threads(), 1, |range| {
+        for blk in range {
+            // SAFETY: AMX (asserted); each block's tiles lie in dst and are written once.
+            unsafe { pack_rhs(b, blk, steps, rhs, oc, c) };
+        }
+    });
+}
+
+/// Element (i, j) of a (c, oc) weight packed by [`pack_weight`], as f32.
+pub fn weight_at(packed: &[u16], c: usize, oc: usize, i: usize, j: usize) -> f32 {
+    debug_assert!(i < c && j < oc && packed.len() == weight_len(c, oc));
+    let tile = (j / T) * c.div_ceil(TK) + i / TK;
+    let bits = packed[tile * T * TK + (i % TK) / 2 * TK + (j % T) * 2 + i % 2];
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// out (rows, oc) = inp (rows, c) @ w + bias in bf16 products, `w` packed by
+/// [`pack_weight`]; the rows of `inp` are packed into `scratch` first. Runs on the calling
+/// rayon pool. Each row's results depend on that row alone.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_packed(
+    scratch: &Scratch,
+    out: &mut [f32],
+    inp: &[f32],
+    packed: &[u16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert!(available(), "forward_packed: this CPU has no AMX-BF16");
+    assert!(out.len() >= rows * oc && inp.len() >= rows * c && packed.len() == weight_len(c, oc));
+    assert!(bias.is_none_or(|b| b.len() >= oc));
+    let (mb, steps) = (rows.div_ceil(2 * T), c.div_ceil(TK));
+    let mut buf = scratch.0.lock().unwrap_or_else(|e| e.into_inner());
+    if buf.len() < 2 * mb * steps * T {
+        buf.resize(2 * mb * steps * T, Line([0; TK]));
+    }
+    let a = Packed(buf.as_mut_ptr());
+    let lhs = Mat { ptr: inp.as_ptr(), rs: c as isize, cs: 1 };
+    let threads = rayon::current_num_threads();
+    // A decode step's few rows are packed here: another task would cost more than they do.
+    let pack_threads = if rows <= 2 * T { 1 } else { threads };
+    par_ranges(2 * mb, pack_threads, 1, |range| {
+        for blk in range {
+            // SAFETY: AMX (asserted); each block's tiles are written by this task alone.
+            unsafe { pack_lhs(a, blk, steps, lhs, rows, c) };
+        }
+    });
+    let init = match bias {
+        Some(b) => Init::Bias(&b[..oc]),
+        None => Init::Zero,
+    };
+    let b = Packed(packed.as_ptr().cast_mut().cast());
+    // SAFETY: sizes asserted; the packed weight is only read.
+    unsafe { products::<true>(a, b, steps, rows, oc, out.as_mut_ptr(), oc, init, threads) }
 }
 
 /// Rows (or columns) `range` of blocks of dst start as the bias.
@@ -202,7 +322,7 @@ struct Out {
 /// dst block (+)= the block's products over the k steps `ks`; a partial block goes through
 /// `edge`, zero-padded.
 #[target_feature(enable = "avx512f")]
-unsafe fn block(
+unsafe fn block<const STREAM: bool>(
     a: Packed,
     b: Packed,
     steps: usize,
@@ -247,7 +367,17 @@ unsafe fn block(
         );
     }
     let (i0, j0) = (2 * out.bi, 2 * out.bj);
+    let end = ks.end;
     for s in ks {
+        if STREAM && s + AHEAD < end {
+            // B comes from memory once (decode weights): ask for it AHEAD steps early.
+            for blk in [j0, j0 + 1] {
+                let p = b.tile(blk, s + AHEAD, steps).cast::<i8>();
+                for line in 0..T {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64));
+                }
+            }
+        }
         asm!(
             "tileloadd tmm4, [{a0} + {s}*1]",
             "tileloadd tmm6, [{b0} + {s}*1]",
@@ -275,6 +405,99 @@ unsafe fn block(
         for r in 0..(out.m - r0).min(2 * T) {
             for j in 0..(out.n - c0).min(2 * T) {
                 *out.dst.add((r0 + r) * out.ld + c0 + j) = edge[r * 2 * T + j];
+            }
+        }
+    }
+}
+
+/// dst rows 0..m (m <= 16) x the 64 columns from block `out.bj` (+)= their products over
+/// `ks`: one tile of A against four of B a step. A partial block goes through `edge`.
+#[target_feature(enable = "avx512f")]
+unsafe fn row_block<const STREAM: bool>(
+    a: Packed,
+    b: Packed,
+    steps: usize,
+    ks: Range<usize>,
+    out: Out,
+    load: bool,
+    edge: &mut [f32; 4 * T * T],
+) {
+    const W: usize = 4 * T; // columns
+    let c0 = out.bj * 2 * T;
+    let (rows, cols) = (out.m.min(T), (out.n - c0).min(W));
+    let whole = rows == T && cols == W;
+    let (c, cs) = if whole {
+        (out.dst.add(c0), out.ld * 4)
+    } else {
+        edge.fill(0.0);
+        if load {
+            for r in 0..rows {
+                for j in 0..cols {
+                    edge[r * W + j] = *out.dst.add(r * out.ld + c0 + j);
+                }
+            }
+        }
+        (edge.as_mut_ptr(), W * 4)
+    };
+    let (c1, c2, c3) = (c.add(T), c.add(2 * T), c.add(3 * T));
+    if load {
+        asm!(
+            "tileloadd tmm0, [{c0} + {s}*1]",
+            "tileloadd tmm1, [{c1} + {s}*1]",
+            "tileloadd tmm2, [{c2} + {s}*1]",
+            "tileloadd tmm3, [{c3} + {s}*1]",
+            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
+            options(nostack, readonly),
+        );
+    } else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+    let j0 = 2 * out.bj;
+    let end = ks.end;
+    for s in ks {
+        if STREAM && s + AHEAD < end {
+            for blk in j0..j0 + 4 {
+                let p = b.tile(blk, s + AHEAD, steps).cast::<i8>();
+                for line in 0..T {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64));
+                }
+            }
+        }
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm5, [{b0} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tileloadd tmm6, [{b1} + {s}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tileloadd tmm7, [{b2} + {s}*1]",
+            "tdpbf16ps tmm2, tmm4, tmm7",
+            "tileloadd tmm5, [{b3} + {s}*1]",
+            "tdpbf16ps tmm3, tmm4, tmm5",
+            a0 = in(reg) a.tile(0, s, steps),
+            b0 = in(reg) b.tile(j0, s, steps), b1 = in(reg) b.tile(j0 + 1, s, steps),
+            b2 = in(reg) b.tile(j0 + 2, s, steps), b3 = in(reg) b.tile(j0 + 3, s, steps),
+            s = in(reg) TK * 2,
+            options(nostack, readonly),
+        );
+    }
+    asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
+        options(nostack),
+    );
+    if !whole {
+        for r in 0..rows {
+            for j in 0..cols {
+                *out.dst.add(r * out.ld + c0 + j) = edge[r * W + j];
             }
         }
     }
@@ -390,7 +613,7 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
 #[target_feature(enable = "avx512f")]
 unsafe fn store_tile(tile: *mut Line, rows: &[__m512i; 16]) {
     for (i, v) in rows.iter().enumerate() {
-        _mm512_store_si512(tile.add(i).cast(), *v);
+        _mm512_storeu_si512(tile.add(i).cast(), *v);
     }
 }
 

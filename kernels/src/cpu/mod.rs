@@ -3,17 +3,42 @@
 
 mod adamw;
 #[cfg(target_arch = "x86_64")]
-mod amx;
-/// No AMX tiles off x86-64: bf16 products are never in effect there.
+pub mod amx;
+/// No AMX tiles off x86-64: bf16 products are never in effect there (`available()` is false,
+/// and the rest is not reached).
 #[cfg(not(target_arch = "x86_64"))]
-mod amx {
+pub mod amx {
+    use crate::WeightLayout;
+
     #[derive(Default)]
-    pub(crate) struct Scratch;
+    pub struct Scratch;
     pub fn available() -> bool {
         false
     }
+    pub fn weight_len(c: usize, oc: usize) -> usize {
+        c * oc
+    }
+    pub fn pack_weight(_: &mut [u16], _: &[f32], _: WeightLayout, _: usize, _: usize) {
+        unreachable!("no AMX-BF16 off x86-64")
+    }
+    pub fn weight_at(_: &[u16], _: usize, _: usize, _: usize, _: usize) -> f32 {
+        unreachable!("no AMX-BF16 off x86-64")
+    }
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm(
+    pub fn forward_packed(
+        _: &Scratch,
+        _: &mut [f32],
+        _: &[f32],
+        _: &[u16],
+        _: Option<&[f32]>,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("no AMX-BF16 off x86-64")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(
         _: &Scratch,
         _: usize,
         _: usize,
