@@ -177,16 +177,31 @@ fn local_tokens(dir: &Path, dtype: WeightDtype) -> Vec<Vec<u32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_f16_weights_matches_local_f16_generation_and_batching() {
+    served_matches_local(WeightDtype::F16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_bf16_weights_matches_local_bf16_generation_and_batching() {
+    if !ferrite_kernels::cpu::amx::available() {
+        eprintln!("skipped: this CPU has no AMX-BF16, which bf16 weights need");
+        return;
+    }
+    served_matches_local(WeightDtype::Bf16).await;
+}
+
+/// Concurrent requests served on `dtype` weights (batched into shared steps) sample what
+/// the local generator samples for each alone.
+async fn served_matches_local(dtype: WeightDtype) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = checkpoint(tmp.path(), 5, 1);
     let v = ModelVersion { job_id: "job-1".into(), step: 5, path: dir.display().to_string() };
-    let model = Arc::new(ServedModel::load(&dir, v, WeightDtype::F16).unwrap());
-    assert_eq!(model.model.dtype(), WeightDtype::F16);
-    let e = engine(Some(model), EngineConfig { dtype: WeightDtype::F16, ..small(8, 16) });
+    let model = Arc::new(ServedModel::load(&dir, v, dtype).unwrap());
+    assert_eq!(model.model.dtype(), dtype);
+    let e = engine(Some(model), EngineConfig { dtype, ..small(8, 16) });
     let client = serve(e.handle()).await;
     let together = futures_join(client.clone(), requests()).await;
-    for (i, ids) in local_tokens(&dir, WeightDtype::F16).iter().enumerate() {
-        assert_eq!(*ids, together[i].tokens, "request {i}: served f16 differs from local f16");
+    for (i, ids) in local_tokens(&dir, dtype).iter().enumerate() {
+        assert_eq!(*ids, together[i].tokens, "request {i}: served {dtype} differs from local");
     }
 }
 
