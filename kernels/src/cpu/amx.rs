@@ -15,7 +15,12 @@
 //!    panels of the smaller operand (the one read again for every block of the larger) fit
 //!    in L2; the sums travel through `dst` between those cuts, in f32.
 //!
-//! Every output is summed in the same order whatever the thread count.
+//! Every output is summed in the same order whatever the thread count, and each row of the
+//! output depends on its own row of the left operand alone.
+//!
+//! Decoding (`--dtype bf16`) packs each weight once ([`pack_weight`]) and, per call, only the
+//! few input rows ([`forward_packed`]); up to 16 rows take one tile of inputs against four
+//! of weights a step, and the weight tiles, read once from memory, are prefetched ahead.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -53,8 +58,7 @@ pub fn available() -> bool {
         let isa = std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16");
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        // SAFETY: leaf 7 exists on every CPU with AVX-512.
+        // CPUID leaf 7 (present wherever AVX-512 is): EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
         let amx = isa && {
             let l7 = __cpuid_count(7, 0);
             l7.edx & (1 << 22) != 0 && l7.edx & (1 << 24) != 0
@@ -162,11 +166,12 @@ unsafe fn products<const STREAM: bool>(
     let rows_outer = m >= n;
     let small = if rows_outer { nb } else { mb };
     let per_step = small * 2 * T * TK * 2;
-    let cut = (L2_PANEL_BYTES / per_step.max(1)).clamp(1, steps);
+    let cut = (L2_PANEL_BYTES / per_step.max(1)).clamp(1, steps.max(1));
     let dst = super::SendPtr(dst);
     let outer = if rows_outer { mb } else { nb };
-    // Up to 16 rows (decode steps) need one row of tiles: four column tiles a step.
-    let one_row = m <= T;
+    // Up to 16 rows (decode steps) against more columns: one row of tiles, four column
+    // tiles a step.
+    let one_row = m <= T && !rows_outer;
     par_ranges(outer, threads, if one_row { 2 } else { 1 }, |range| {
         // SAFETY: tasks own disjoint blocks of dst; the packed tiles are only read.
         unsafe {
@@ -177,7 +182,8 @@ unsafe fn products<const STREAM: bool>(
             }
             let fresh = matches!(init, Init::Zero);
             let mut edge = [0f32; 4 * T * T];
-            for s0 in (0..steps).step_by(cut) {
+            // One pass even when k = 0, so dst still gets its init.
+            for s0 in (0..steps.max(1)).step_by(cut) {
                 let ks = s0..(s0 + cut).min(steps);
                 let load = !(fresh && s0 == 0);
                 if one_row {
@@ -332,51 +338,15 @@ unsafe fn block<const STREAM: bool>(
     edge: &mut [f32; 4 * T * T],
 ) {
     let (r0, c0) = (out.bi * 2 * T, out.bj * 2 * T);
-    let whole = r0 + 2 * T <= out.m && c0 + 2 * T <= out.n;
-    let (c, cs) = if whole {
-        (out.dst.add(r0 * out.ld + c0), out.ld * 4)
-    } else {
-        edge.fill(0.0);
-        if load {
-            for r in 0..(out.m - r0).min(2 * T) {
-                for j in 0..(out.n - c0).min(2 * T) {
-                    edge[r * 2 * T + j] = *out.dst.add((r0 + r) * out.ld + c0 + j);
-                }
-            }
-        }
-        (edge.as_mut_ptr(), 2 * T * 4)
-    };
-    let c1 = c.add(T);
-    let (c2, c3) = (c.add(T * cs / 4), c.add(T * cs / 4 + T));
-    if load {
-        asm!(
-            "tileloadd tmm0, [{c0} + {s}*1]",
-            "tileloadd tmm1, [{c1} + {s}*1]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c3} + {s}*1]",
-            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
-            options(nostack, readonly),
-        );
-    } else {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-    }
+    let (rows, cols) = ((out.m - r0).min(2 * T), (out.n - c0).min(2 * T));
+    let sums = Sums::new(&out, r0, c0, rows, cols, 2 * T, load, edge);
+    let (c, cs) = (sums.c, sums.cs);
+    sums.start([c, c.add(T), c.add(T * cs / 4), c.add(T * cs / 4 + T)], load);
     let (i0, j0) = (2 * out.bi, 2 * out.bj);
     let end = ks.end;
     for s in ks {
         if STREAM && s + AHEAD < end {
-            // B comes from memory once (decode weights): ask for it AHEAD steps early.
-            for blk in [j0, j0 + 1] {
-                let p = b.tile(blk, s + AHEAD, steps).cast::<i8>();
-                for line in 0..T {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64));
-                }
-            }
+            prefetch(b, j0..j0 + 2, s + AHEAD, steps);
         }
         asm!(
             "tileloadd tmm4, [{a0} + {s}*1]",
@@ -393,21 +363,7 @@ unsafe fn block<const STREAM: bool>(
             options(nostack, readonly),
         );
     }
-    asm!(
-        "tilestored [{c0} + {s}*1], tmm0",
-        "tilestored [{c1} + {s}*1], tmm1",
-        "tilestored [{c2} + {s}*1], tmm2",
-        "tilestored [{c3} + {s}*1], tmm3",
-        c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
-        options(nostack),
-    );
-    if !whole {
-        for r in 0..(out.m - r0).min(2 * T) {
-            for j in 0..(out.n - c0).min(2 * T) {
-                *out.dst.add((r0 + r) * out.ld + c0 + j) = edge[r * 2 * T + j];
-            }
-        }
-    }
+    sums.finish([c, c.add(T), c.add(T * cs / 4), c.add(T * cs / 4 + T)], &out, r0, c0);
 }
 
 /// dst rows 0..m (m <= 16) x the 64 columns from block `out.bj` (+)= their products over
@@ -422,52 +378,16 @@ unsafe fn row_block<const STREAM: bool>(
     load: bool,
     edge: &mut [f32; 4 * T * T],
 ) {
-    const W: usize = 4 * T; // columns
     let c0 = out.bj * 2 * T;
-    let (rows, cols) = (out.m.min(T), (out.n - c0).min(W));
-    let whole = rows == T && cols == W;
-    let (c, cs) = if whole {
-        (out.dst.add(c0), out.ld * 4)
-    } else {
-        edge.fill(0.0);
-        if load {
-            for r in 0..rows {
-                for j in 0..cols {
-                    edge[r * W + j] = *out.dst.add(r * out.ld + c0 + j);
-                }
-            }
-        }
-        (edge.as_mut_ptr(), W * 4)
-    };
-    let (c1, c2, c3) = (c.add(T), c.add(2 * T), c.add(3 * T));
-    if load {
-        asm!(
-            "tileloadd tmm0, [{c0} + {s}*1]",
-            "tileloadd tmm1, [{c1} + {s}*1]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c3} + {s}*1]",
-            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
-            options(nostack, readonly),
-        );
-    } else {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-    }
+    let (rows, cols) = (out.m.min(T), (out.n - c0).min(4 * T));
+    let sums = Sums::new(&out, 0, c0, rows, cols, 4 * T, load, edge);
+    let c = sums.c;
+    sums.start([c, c.add(T), c.add(2 * T), c.add(3 * T)], load);
     let j0 = 2 * out.bj;
     let end = ks.end;
     for s in ks {
         if STREAM && s + AHEAD < end {
-            for blk in j0..j0 + 4 {
-                let p = b.tile(blk, s + AHEAD, steps).cast::<i8>();
-                for line in 0..T {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64));
-                }
-            }
+            prefetch(b, j0..j0 + 4, s + AHEAD, steps);
         }
         asm!(
             "tileloadd tmm4, [{a0} + {s}*1]",
@@ -486,18 +406,111 @@ unsafe fn row_block<const STREAM: bool>(
             options(nostack, readonly),
         );
     }
-    asm!(
-        "tilestored [{c0} + {s}*1], tmm0",
-        "tilestored [{c1} + {s}*1], tmm1",
-        "tilestored [{c2} + {s}*1], tmm2",
-        "tilestored [{c3} + {s}*1], tmm3",
-        c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) cs,
-        options(nostack),
-    );
-    if !whole {
-        for r in 0..rows {
-            for j in 0..cols {
-                *out.dst.add(r * out.ld + c0 + j) = edge[r * W + j];
+    sums.finish([c, c.add(T), c.add(2 * T), c.add(3 * T)], &out, 0, c0);
+}
+
+/// Asks for the tiles `blocks` x `step` of a streamed operand (read once from memory).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn prefetch(b: Packed, blocks: Range<usize>, step: usize, steps: usize) {
+    for blk in blocks {
+        let p = b.tile(blk, step, steps).cast::<i8>();
+        for line in 0..T {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64));
+        }
+    }
+}
+
+/// Where the four accumulator tiles of a block live between calls: in dst itself when the
+/// block is whole, else in `edge` (`width` columns a row), zero-padded.
+struct Sums {
+    c: *mut f32,
+    /// Bytes a row.
+    cs: usize,
+    rows: usize,
+    cols: usize,
+    width: usize,
+    whole: bool,
+}
+
+impl Sums {
+    /// The block of `rows` x `cols` (of `width` at most) at (r0, c0) of `out`; a partial
+    /// one is copied into `edge` when the sums carry on from dst.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn new(
+        out: &Out,
+        r0: usize,
+        c0: usize,
+        rows: usize,
+        cols: usize,
+        width: usize,
+        load: bool,
+        edge: &mut [f32; 4 * T * T],
+    ) -> Sums {
+        let whole = rows * width == edge.len() && cols == width;
+        if whole {
+            return Sums {
+                c: out.dst.add(r0 * out.ld + c0),
+                cs: out.ld * 4,
+                rows,
+                cols,
+                width,
+                whole,
+            };
+        }
+        edge.fill(0.0);
+        if load {
+            for r in 0..rows {
+                for j in 0..cols {
+                    edge[r * width + j] = *out.dst.add((r0 + r) * out.ld + c0 + j);
+                }
+            }
+        }
+        Sums { c: edge.as_mut_ptr(), cs: width * 4, rows, cols, width, whole }
+    }
+
+    /// Accumulator tiles 0..4 from the four 16 x 16 blocks at `c`, or zeros.
+    #[inline]
+    unsafe fn start(&self, c: [*mut f32; 4], load: bool) {
+        if load {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+                s = in(reg) self.cs,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+    }
+
+    /// Stores accumulator tiles 0..4 at `c`, and a partial block's valid part into dst (read
+    /// back through `self.c`, the pointer the tiles were stored through).
+    #[inline]
+    unsafe fn finish(&self, c: [*mut f32; 4], out: &Out, r0: usize, c0: usize) {
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+            s = in(reg) self.cs,
+            options(nostack),
+        );
+        if !self.whole {
+            for r in 0..self.rows {
+                for j in 0..self.cols {
+                    *out.dst.add((r0 + r) * out.ld + c0 + j) = *self.c.add(r * self.width + j);
+                }
             }
         }
     }
