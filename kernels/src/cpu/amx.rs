@@ -177,24 +177,26 @@ unsafe fn products<const STREAM: bool>(
         unsafe {
             let cfg = TileConfig::new();
             cfg.load();
-            if let Init::Bias(bias) = init {
-                fill_bias(dst.get(), ld, bias, m, n, &range, rows_outer);
-            }
-            let fresh = matches!(init, Init::Zero);
             let mut edge = [0f32; 4 * T * T];
             // One pass even when k = 0, so dst still gets its init.
             for s0 in (0..steps.max(1)).step_by(cut) {
                 let ks = s0..(s0 + cut).min(steps);
-                let load = !(fresh && s0 == 0);
+                // The first cut starts from init, the others from the sums in dst.
+                let start = match init {
+                    _ if s0 > 0 => Start::Dst,
+                    Init::Zero => Start::Zero,
+                    Init::Dst => Start::Dst,
+                    Init::Bias(b) => Start::Bias(b),
+                };
                 if one_row {
                     let mut o = range.start;
                     while o < range.end {
                         let out = Out { dst: dst.get(), ld, m, n, bi: 0, bj: o };
                         if o + 1 < range.end {
-                            row_block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
+                            row_block::<STREAM>(a, b, steps, ks.clone(), out, start, &mut edge);
                             o += 2;
                         } else {
-                            block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
+                            block::<STREAM>(a, b, steps, ks.clone(), out, start, &mut edge);
                             o += 1;
                         }
                     }
@@ -204,7 +206,7 @@ unsafe fn products<const STREAM: bool>(
                     for i in 0..small {
                         let (bi, bj) = if rows_outer { (o, i) } else { (i, o) };
                         let out = Out { dst: dst.get(), ld, m, n, bi, bj };
-                        block::<STREAM>(a, b, steps, ks.clone(), out, load, &mut edge);
+                        block::<STREAM>(a, b, steps, ks.clone(), out, start, &mut edge);
                     }
                 }
             }
@@ -292,27 +294,14 @@ pub fn forward_packed(
     unsafe { products::<true>(a, b, steps, rows, oc, out.as_mut_ptr(), oc, init, threads) }
 }
 
-/// Rows (or columns) `range` of blocks of dst start as the bias.
-unsafe fn fill_bias(
-    dst: *mut f32,
-    ld: usize,
-    bias: &[f32],
-    m: usize,
-    n: usize,
-    range: &Range<usize>,
-    rows_outer: bool,
-) {
-    let (rows, cols) = if rows_outer {
-        (range.start * 2 * T..(range.end * 2 * T).min(m), 0..n)
-    } else {
-        (0..m, range.start * 2 * T..(range.end * 2 * T).min(n))
-    };
-    for r in rows {
-        // SAFETY: the caller's bounds; the task owns these rows' columns.
-        let row =
-            unsafe { std::slice::from_raw_parts_mut(dst.add(r * ld + cols.start), cols.len()) };
-        row.copy_from_slice(&bias[cols.clone()]);
-    }
+/// What a block's sums start from.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Zero,
+    /// The values in dst.
+    Dst,
+    /// The bias (n) in every row.
+    Bias(&'a [f32]),
 }
 
 /// The 32 x 32 block (bi, bj) of a row-major (m, n) output `ld` apart.
@@ -334,14 +323,15 @@ unsafe fn block<const STREAM: bool>(
     steps: usize,
     ks: Range<usize>,
     out: Out,
-    load: bool,
+    start: Start,
     edge: &mut [f32; 4 * T * T],
 ) {
     let (r0, c0) = (out.bi * 2 * T, out.bj * 2 * T);
     let (rows, cols) = ((out.m - r0).min(2 * T), (out.n - c0).min(2 * T));
-    let sums = Sums::new(&out, r0, c0, rows, cols, 2 * T, load, edge);
+    let sums = Sums::new(&out, r0, c0, rows, cols, 2 * T, start, edge);
     let (c, cs) = (sums.c, sums.cs);
-    sums.start([c, c.add(T), c.add(T * cs / 4), c.add(T * cs / 4 + T)], load);
+    let at = [c, c.add(T), c.add(T * cs / 4), c.add(T * cs / 4 + T)];
+    sums.start(at, start, [c0, c0 + T, c0, c0 + T]);
     let (i0, j0) = (2 * out.bi, 2 * out.bj);
     let end = ks.end;
     for s in ks {
@@ -363,7 +353,7 @@ unsafe fn block<const STREAM: bool>(
             options(nostack, readonly),
         );
     }
-    sums.finish([c, c.add(T), c.add(T * cs / 4), c.add(T * cs / 4 + T)], &out, r0, c0);
+    sums.finish(at, &out, r0, c0);
 }
 
 /// dst rows 0..m (m <= 16) x the 64 columns from block `out.bj` (+)= their products over
@@ -375,14 +365,15 @@ unsafe fn row_block<const STREAM: bool>(
     steps: usize,
     ks: Range<usize>,
     out: Out,
-    load: bool,
+    start: Start,
     edge: &mut [f32; 4 * T * T],
 ) {
     let c0 = out.bj * 2 * T;
     let (rows, cols) = (out.m.min(T), (out.n - c0).min(4 * T));
-    let sums = Sums::new(&out, 0, c0, rows, cols, 4 * T, load, edge);
+    let sums = Sums::new(&out, 0, c0, rows, cols, 4 * T, start, edge);
     let c = sums.c;
-    sums.start([c, c.add(T), c.add(2 * T), c.add(3 * T)], load);
+    let at = [c, c.add(T), c.add(2 * T), c.add(3 * T)];
+    sums.start(at, start, [c0, c0 + T, c0 + 2 * T, c0 + 3 * T]);
     let j0 = 2 * out.bj;
     let end = ks.end;
     for s in ks {
@@ -406,7 +397,7 @@ unsafe fn row_block<const STREAM: bool>(
             options(nostack, readonly),
         );
     }
-    sums.finish([c, c.add(T), c.add(2 * T), c.add(3 * T)], &out, 0, c0);
+    sums.finish(at, &out, 0, c0);
 }
 
 /// Asks for the tiles `blocks` x `step` of a streamed operand (read once from memory).
@@ -435,7 +426,7 @@ struct Sums {
 
 impl Sums {
     /// The block of `rows` x `cols` (of `width` at most) at (r0, c0) of `out`; a partial
-    /// one is copied into `edge` when the sums carry on from dst.
+    /// one gets in `edge` what its sums start from.
     #[allow(clippy::too_many_arguments)]
     unsafe fn new(
         out: &Out,
@@ -444,7 +435,7 @@ impl Sums {
         rows: usize,
         cols: usize,
         width: usize,
-        load: bool,
+        start: Start,
         edge: &mut [f32; 4 * T * T],
     ) -> Sums {
         let whole = rows * width == edge.len() && cols == width;
@@ -459,38 +450,49 @@ impl Sums {
             };
         }
         edge.fill(0.0);
-        if load {
-            for r in 0..rows {
-                for j in 0..cols {
-                    edge[r * width + j] = *out.dst.add((r0 + r) * out.ld + c0 + j);
+        for r in 0..rows {
+            let row = &mut edge[r * width..][..cols];
+            match start {
+                Start::Zero => {}
+                Start::Dst => {
+                    for (j, e) in row.iter_mut().enumerate() {
+                        *e = *out.dst.add((r0 + r) * out.ld + c0 + j);
+                    }
                 }
+                Start::Bias(b) => row.copy_from_slice(&b[c0..c0 + cols]),
             }
         }
         Sums { c: edge.as_mut_ptr(), cs: width * 4, rows, cols, width, whole }
     }
 
-    /// Accumulator tiles 0..4 from the four 16 x 16 blocks at `c`, or zeros.
+    /// Accumulator tiles 0..4: zeros, the four 16 x 16 blocks at `c`, or (a whole block
+    /// starting from the bias) the bias from columns `cols[i]` in every row, a tile load
+    /// with row stride 0.
     #[inline]
-    unsafe fn start(&self, c: [*mut f32; 4], load: bool) {
-        if load {
-            asm!(
-                "tileloadd tmm0, [{c0} + {s}*1]",
-                "tileloadd tmm1, [{c1} + {s}*1]",
-                "tileloadd tmm2, [{c2} + {s}*1]",
-                "tileloadd tmm3, [{c3} + {s}*1]",
-                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
-                s = in(reg) self.cs,
-                options(nostack, readonly),
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
+    unsafe fn start(&self, c: [*mut f32; 4], start: Start, cols: [usize; 4]) {
+        let (c, cs) = match start {
+            Start::Zero => {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                return;
+            }
+            Start::Bias(b) if self.whole => (cols.map(|j| b[j..j + T].as_ptr()), 0),
+            _ => (c.map(|p| p.cast_const()), self.cs),
+        };
+        asm!(
+            "tileloadd tmm0, [{c0} + {s}*1]",
+            "tileloadd tmm1, [{c1} + {s}*1]",
+            "tileloadd tmm2, [{c2} + {s}*1]",
+            "tileloadd tmm3, [{c3} + {s}*1]",
+            c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+            s = in(reg) cs,
+            options(nostack, readonly),
+        );
     }
 
     /// Stores accumulator tiles 0..4 at `c`, and a partial block's valid part into dst (read
