@@ -244,8 +244,9 @@ impl DecodeModel {
             Mats::F32(m) => embed_column(out, &m[r], c, vp, token as usize, pe),
             Mats::F16(m) => embed_column(out, &m[r], c, vp, token as usize, pe),
             Mats::Bf16(m, _) => {
+                let head = bits(&m[r]);
                 for (i, (o, &b)) in out.iter_mut().zip(pe).enumerate() {
-                    *o = amx::weight_at(bits(&m[r.clone()]), c, vp, i, token as usize) + b;
+                    *o = amx::weight_at(head, c, vp, i, token as usize) + b;
                 }
             }
         }

@@ -21,16 +21,12 @@ use crate::collective::{Bucketer, Collective};
 use crate::WorkerError;
 
 /// The CPU backend of a job: its threads, and its matmul precision where the CPU has it (bf16
-/// needs AMX-BF16; elsewhere the job runs in f32, and says so on stderr).
+/// needs AMX-BF16; elsewhere the job runs in f32, and logs a warning).
 pub fn cpu_backend(train: &TrainSection) -> Result<CpuBackend, WorkerError> {
     let mut be = CpuBackend::new(train.threads)?;
     let got = be.set_matmul_precision(train.matmul_precision);
     if got != train.matmul_precision {
         tracing::warn!(asked = %train.matmul_precision, running = %got, "no AMX-BF16 on this CPU");
-        eprintln!(
-            "matmul_precision {}: this CPU has no AMX-BF16; running {got}",
-            train.matmul_precision
-        );
     }
     Ok(be)
 }

@@ -39,7 +39,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         spec.train.max_steps = n;
     }
     match args.device {
-        Device::Cpu => train_on(Arc::new(cpu_backend(&spec.train)?), spec, args.plain),
+        Device::Cpu => {
+            let be = cpu_backend(&spec.train)?;
+            let (asked, got) = (spec.train.matmul_precision, be.matmul_precision());
+            if got != asked {
+                eprintln!("matmul_precision {asked}: this CPU has no AMX-BF16; running {got}");
+            }
+            train_on(Arc::new(be), spec, args.plain)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
             let be = ferrite_kernels::cuda::CudaBackend::new(i)?;

@@ -557,22 +557,18 @@ unsafe fn load16(p: *const f32, count: usize) -> __m512 {
     _mm512_maskz_loadu_ps(lanes(count), p)
 }
 
-/// Up to 16 f32 `stride` apart (the first `count`), zeros after.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn gather16(p: *const f32, stride: isize, count: usize) -> __m512 {
-    let idx = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(stride as i32),
-    );
-    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(count), idx, p)
-}
-
 /// 32 bf16 (nearest even): lo's 16 values, then hi's.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn to_bf16(lo: __m512, hi: __m512) -> __m512i {
     std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+}
+
+/// Up to 32 f32 from `p` (the first `count`, zeros after) as 32 bf16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn run32(p: *const f32, count: usize) -> __m512i {
+    to_bf16(load16(p, count), load16(p.wrapping_add(T), count.saturating_sub(T)))
 }
 
 /// 16 pairs (x[j], y[j]) as 32 bf16: each 32-bit lane j holds x's value low, y's high.
@@ -635,6 +631,7 @@ unsafe fn store_tile(tile: *mut Line, rows: &[__m512i; 16]) {
 /// Packs rows `16 blk..` of lhs (m, k) into A tiles: row i of a tile holds 32 k.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_lhs(a: Packed, blk: usize, steps: usize, lhs: Mat, m: usize, k: usize) {
+    debug_assert!(lhs.cs == 1 || lhs.rs == 1, "lhs has a unit stride");
     let i0 = blk * T;
     let rows = m.saturating_sub(i0).min(T);
     let at =
@@ -646,27 +643,14 @@ unsafe fn pack_lhs(a: Packed, blk: usize, steps: usize, lhs: Mat, m: usize, k: u
         if lhs.cs == 1 {
             // Rows hold k: two loads of 16 k a tile row.
             for (r, row) in v.iter_mut().enumerate() {
-                *row = if r < rows {
-                    let p = at(i0 + r, k0);
-                    to_bf16(load16(p, kn), load16(p.wrapping_add(T), kn.saturating_sub(T)))
-                } else {
-                    _mm512_setzero_si512()
-                };
+                *row = if r < rows { run32(at(i0 + r, k0), kn) } else { _mm512_setzero_si512() };
             }
         } else {
             // Columns hold the rows: pair q of k across the 16 rows, then transpose.
             for (q, col) in v.iter_mut().enumerate() {
                 let (ka, kb) = (2 * q, 2 * q + 1);
-                let x = if ka < kn {
-                    load_run(at(i0, k0 + ka), lhs.rs, rows)
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let y = if kb < kn {
-                    load_run(at(i0, k0 + kb), lhs.rs, rows)
-                } else {
-                    _mm512_setzero_ps()
-                };
+                let x = if ka < kn { load16(at(i0, k0 + ka), rows) } else { _mm512_setzero_ps() };
+                let y = if kb < kn { load16(at(i0, k0 + kb), rows) } else { _mm512_setzero_ps() };
                 *col = pairs(x, y);
             }
             transpose16(&mut v);
@@ -679,6 +663,7 @@ unsafe fn pack_lhs(a: Packed, blk: usize, steps: usize, lhs: Mat, m: usize, k: u
 /// columns, its values at k = 2p and 2p + 1.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_rhs(b: Packed, blk: usize, steps: usize, rhs: Mat, n: usize, k: usize) {
+    debug_assert!(rhs.cs == 1 || rhs.rs == 1, "rhs has a unit stride");
     let j0 = blk * T;
     let cols = n.saturating_sub(j0).min(T);
     let at =
@@ -698,34 +683,10 @@ unsafe fn pack_rhs(b: Packed, blk: usize, steps: usize, rhs: Mat, n: usize, k: u
         } else {
             // Columns hold k: 32 k of column j are its 16 pairs, then transpose.
             for (j, col) in v.iter_mut().enumerate() {
-                *col = if j < cols {
-                    let p = at(k0, j0 + j);
-                    let (x, y) = (
-                        load_run(p, rhs.rs, kn),
-                        load_run(
-                            p.wrapping_offset(T as isize * rhs.rs),
-                            rhs.rs,
-                            kn.saturating_sub(T),
-                        ),
-                    );
-                    to_bf16(x, y)
-                } else {
-                    _mm512_setzero_si512()
-                };
+                *col = if j < cols { run32(at(k0, j0 + j), kn) } else { _mm512_setzero_si512() };
             }
             transpose16(&mut v);
         }
         store_tile(b.tile(blk, s, steps), &v);
-    }
-}
-
-/// Up to 16 f32 `stride` apart (contiguous when 1), the first `count`, zeros after.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn load_run(p: *const f32, stride: isize, count: usize) -> __m512 {
-    if stride == 1 {
-        load16(p, count)
-    } else {
-        gather16(p, stride, count)
     }
 }
