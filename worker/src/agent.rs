@@ -523,8 +523,13 @@ impl RankRun {
         if self.stop.load(Ordering::Relaxed) {
             return Err(WorkerError::Stopped { step: 0 });
         }
-        let ring =
-            RingCollective::connect(listener, RingConfig::new(a.rank as usize, peers, token))?;
+        // FERRITE_RING_SHM=0 keeps every link on TCP even between ranks of one host.
+        let cfg = RingConfig {
+            shared_memory: std::env::var("FERRITE_RING_SHM").map_or(true, |v| v != "0"),
+            ..RingConfig::new(a.rank as usize, peers, token)
+        };
+        let ring = RingCollective::connect(listener, cfg)?;
+        tracing::info!(job = %a.job_id, rank = a.rank, transport = ring.transport(), "ring connected");
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle()?);
         self.metrics.rank_started(&a.job_id, a.rank, a.world_size);
         let timed = Timed::new(Box::new(ring), self.metrics.clone());

@@ -34,18 +34,24 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
     (0..len).map(|i| 1.0 + ((i * 31 + rank * 17) % 97) as f32 / 97.0 + rank as f32).collect()
 }
 
-/// Runs `world` real ranks on `len` elements; returns every rank's result and its mean_scalar.
-fn run_ring(world: usize, len: usize, piece_bytes: usize) -> Vec<(Vec<f32>, f64)> {
+/// Runs `world` real ranks on `len` elements, over the same-host shared-memory path or over
+/// TCP only; returns every rank's result and its mean_scalar.
+fn run_ring(world: usize, len: usize, piece_bytes: usize, shm: bool) -> Vec<(Vec<f32>, f64)> {
     let (ls, addrs) = listeners(world);
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let cfg = RingConfig { piece_bytes, ..config(rank, &addrs, Duration::from_secs(20)) };
+            let cfg = RingConfig {
+                piece_bytes,
+                shared_memory: shm,
+                ..config(rank, &addrs, Duration::from_secs(20))
+            };
             thread::spawn(move || {
                 let be = CpuBackend::new(1).unwrap();
                 let mut ring = RingCollective::connect(l, cfg).unwrap();
                 assert_eq!((ring.rank(), Collective::<CpuBackend>::world(&ring)), (rank, world));
+                assert_eq!(ring.transport(), if shm { "shared memory" } else { "tcp" });
                 let mut buf = input(rank, len);
                 buf.extend_from_slice(&[-7.0; 3]); // past `len`: must stay untouched
                 ring.all_reduce_mean(&be, &mut buf, len).unwrap();
@@ -60,8 +66,12 @@ fn run_ring(world: usize, len: usize, piece_bytes: usize) -> Vec<(Vec<f32>, f64)
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// Both paths: the mean on every rank, the same bits on every rank and on both paths.
 fn assert_mean_and_bitwise_identical(world: usize, len: usize, piece_bytes: usize) {
-    let out = run_ring(world, len, piece_bytes);
+    let out = run_ring(world, len, piece_bytes, true);
+    let tcp = run_ring(world, len, piece_bytes, false);
+    let same = tcp[0].0.iter().zip(&out[0].0).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "tcp and shared memory differ (world {world}, len {len})");
     let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
     for i in 0..len {
         let want = inputs.iter().map(|x| x[i] as f64).sum::<f64>() / world as f64;
@@ -114,7 +124,7 @@ fn world_of_one_is_a_no_op() {
 }
 
 fn hello(rank: u32, world: u32, token: u64) -> [u8; HANDSHAKE_LEN] {
-    Handshake { kind: HandshakeKind::Hello, rank, world, token }.encode()
+    Handshake { kind: HandshakeKind::Hello, rank, world, token, shm: 0 }.encode()
 }
 
 #[test]
@@ -187,8 +197,10 @@ fn fake_rank1(l1: TcpListener, addrs: &[SocketAddr]) -> (TcpStream, TcpStream) {
     let (mut inc, _) = l1.accept().unwrap();
     let mut b = [0u8; HANDSHAKE_LEN];
     inc.read_exact(&mut b).unwrap();
-    assert_eq!(Handshake::decode(&b).unwrap(), Handshake::decode(&hello(0, 2, TOKEN)).unwrap());
-    let accept = Handshake { kind: HandshakeKind::Accept, rank: 1, world: 2, token: TOKEN };
+    // Rank 0 may offer a shared-memory segment; answering 0 keeps the link on TCP.
+    let got = Handshake { shm: 0, ..Handshake::decode(&b).unwrap() };
+    assert_eq!(got, Handshake::decode(&hello(0, 2, TOKEN)).unwrap());
+    let accept = Handshake { kind: HandshakeKind::Accept, rank: 1, world: 2, token: TOKEN, shm: 0 };
     inc.write_all(&accept.encode()).unwrap();
     out.read_exact(&mut b).unwrap();
     assert_eq!(Handshake::decode(&b).unwrap().kind, HandshakeKind::Accept);
@@ -363,7 +375,7 @@ fn buckets_that_split_ranges_with_a_smaller_tail_average_on_two_ranks() {
     // 10_007 elements in buckets of 1_000: every bucket boundary cuts a range.
     assert_buckets_average(2, 10_007, 1_000);
     // For two ranks each element is (own + other) / 2 either way: bucketing changes no bit.
-    let whole = run_ring(2, 10_007, 4096);
+    let whole = run_ring(2, 10_007, 4096, true);
     assert!(run_buckets(2, 10_007, 1_000)[0].iter().zip(&whole[0].0).all(|(a, b)| a == b));
 }
 
@@ -383,4 +395,90 @@ fn buckets_on_a_world_of_one_are_left_as_they_are() {
     ring.start_bucket(&be, &buf, &[10..50, 0..10]).unwrap();
     ring.finish_buckets(&be, &mut buf, 50).unwrap();
     assert_eq!(buf, input(0, 50));
+}
+
+/// Two ranks with their own configs; returns both rings once connected.
+fn pair(cfg0: RingConfig, cfg1: RingConfig, ls: Vec<TcpListener>) -> [RingCollective; 2] {
+    let mut ls = ls.into_iter();
+    let (l0, l1) = (ls.next().unwrap(), ls.next().unwrap());
+    let r0 = thread::spawn(move || RingCollective::connect(l0, cfg0).unwrap());
+    let r1 = RingCollective::connect(l1, cfg1).unwrap();
+    [r0.join().unwrap(), r1]
+}
+
+#[test]
+fn a_rank_without_shared_memory_keeps_both_links_on_tcp() {
+    let (ls, addrs) = listeners(2);
+    let t = Duration::from_secs(20);
+    let cfg0 = RingConfig { shared_memory: false, ..config(0, &addrs, t) };
+    let [mut a, mut b] = pair(cfg0, config(1, &addrs, t), ls);
+    assert_eq!((a.transport(), b.transport()), ("tcp", "tcp"));
+    let be = CpuBackend::new(1).unwrap();
+    let (mut x, mut y) = (input(0, 5000), input(1, 5000));
+    thread::scope(|s| {
+        s.spawn(|| a.all_reduce_mean(&be, &mut x, 5000).unwrap());
+        b.all_reduce_mean(&be, &mut y, 5000).unwrap();
+    });
+    assert_eq!(x, y);
+    assert_eq!(x[0], (input(0, 1)[0] + input(1, 1)[0]) / 2.0);
+}
+
+#[test]
+fn an_offer_that_cannot_be_mapped_is_answered_with_tcp() {
+    let (mut ls, addrs) = listeners(2);
+    let l0 = ls.remove(0);
+    let cfg = config(0, &addrs, Duration::from_secs(10));
+    let r0 = thread::spawn(move || RingCollective::connect(l0, cfg));
+    // A rank 1 that offers a segment nobody created.
+    let mut out = TcpStream::connect(addrs[0]).unwrap();
+    let offer = Handshake { kind: HandshakeKind::Hello, rank: 1, world: 2, token: TOKEN, shm: 77 };
+    out.write_all(&offer.encode()).unwrap();
+    let (mut inc, _) = ls[0].accept().unwrap();
+    let mut b = [0u8; HANDSHAKE_LEN];
+    inc.read_exact(&mut b).unwrap();
+    let accept = Handshake { kind: HandshakeKind::Accept, rank: 1, world: 2, token: TOKEN, shm: 0 };
+    inc.write_all(&accept.encode()).unwrap();
+    out.read_exact(&mut b).unwrap();
+    let answer = Handshake::decode(&b).unwrap();
+    assert_eq!((answer.kind, answer.shm), (HandshakeKind::Accept, 0));
+    assert_eq!(r0.join().unwrap().unwrap().transport(), "tcp");
+}
+
+#[test]
+fn shared_memory_segments_leave_no_file_behind() {
+    let (ls, addrs) = listeners(2);
+    let t = Duration::from_secs(20);
+    let token = 0x5eed_0f11e5;
+    let cfg = |rank| RingConfig { token, ..config(rank, &addrs, t) };
+    let rings = pair(cfg(0), cfg(1), ls);
+    assert_eq!(rings[0].transport(), "shared memory");
+    let prefix = format!("ferrite-ring-{token:016x}-");
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
+}
+
+#[test]
+fn abort_wakes_a_rank_waiting_on_shared_memory() {
+    let (ls, addrs) = listeners(2);
+    let t = Duration::from_secs(20);
+    let [mut a, b] = pair(config(0, &addrs, t), config(1, &addrs, t), ls);
+    assert_eq!(a.transport(), "shared memory");
+    let abort = a.abort_handle().unwrap();
+    let t0 = Instant::now();
+    let err = thread::scope(|s| {
+        // Rank 1 never joins the reduce: rank 0 sleeps waiting for its frames.
+        let h = s.spawn(|| {
+            a.all_reduce_mean(&CpuBackend::new(1).unwrap(), &mut input(0, 1 << 20), 1 << 20)
+        });
+        thread::sleep(Duration::from_millis(300));
+        abort.abort();
+        h.join().unwrap().expect_err("an aborted reduce must fail").to_string()
+    });
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}: {err}", t0.elapsed());
+    assert!(err.contains("rank 1"), "{err}");
+    drop(b);
 }

@@ -223,6 +223,10 @@ pub struct AllreduceArgs {
     /// Socket read/write timeout in seconds.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// `auto`: the ranks (all on this host) exchange frames through shared memory, as
+    /// workers on one machine do; `tcp`: through their loopback connections only.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
+    transport: String,
     /// Internal: run as this rank of a benchmark started by the parent process.
     #[arg(long, hide = true)]
     rank: Option<usize>,
@@ -245,7 +249,7 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
         let child = Command::new(&exe)
             .args(["bench", "allreduce", "--bytes", &a.bytes.to_string()])
             .args(["--world", &a.world.to_string(), "--reps", &a.reps.to_string()])
-            .args(["--piece-bytes", &a.piece_bytes.to_string()])
+            .args(["--piece-bytes", &a.piece_bytes.to_string(), "--transport", &a.transport])
             .args(["--timeout-s", &a.timeout_s.to_string(), "--rank", &rank.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -272,12 +276,14 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
     }
     // times[rank][rep], seconds
     let mut times: Vec<Vec<f64>> = Vec::new();
+    let mut transport = String::new();
     for (rank, out) in outs.iter_mut().enumerate() {
         let mut line = String::new();
         out.read_line(&mut line)?;
         let v: serde_json::Value = serde_json::from_str(line.trim())
             .map_err(|e| anyhow::anyhow!("rank {rank} failed (output {line:?}): {e}"))?;
         let t = v["times"].as_array().ok_or_else(|| anyhow::anyhow!("rank {rank}: {line}"))?;
+        transport = v["transport"].as_str().unwrap_or_default().to_string();
         times.push(t.iter().filter_map(|x| x.as_f64()).collect());
     }
     for (rank, c) in children.iter_mut().enumerate() {
@@ -293,7 +299,7 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"peer": "ferrite", "bench": "allreduce", "ms": t * 1e3,
             "busbw_gbps": busbw, "bytes": a.bytes, "world": a.world, "reps": a.reps,
-            "mode": "processes"})
+            "mode": "processes", "transport": transport})
     );
     Ok(())
 }
@@ -330,6 +336,7 @@ fn allreduce_rank(a: &AllreduceArgs, rank: usize) -> anyhow::Result<()> {
         io_timeout: timeout,
         connect_timeout: timeout,
         piece_bytes: a.piece_bytes,
+        shared_memory: a.transport == "auto",
         ..RingConfig::new(rank, peers, token.parse()?)
     };
     let mut ring = RingCollective::connect(listener, cfg)?;
@@ -345,7 +352,10 @@ fn allreduce_rank(a: &AllreduceArgs, rank: usize) -> anyhow::Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    println!("{}", serde_json::json!({ "rank": rank, "times": times }));
+    println!(
+        "{}",
+        serde_json::json!({ "rank": rank, "times": times, "transport": ring.transport() })
+    );
     Ok(())
 }
 

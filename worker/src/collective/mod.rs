@@ -2,7 +2,8 @@
 //!
 //! - [`Collective`]: the trait the trainer calls; [`Single`] for one process.
 //! - [`bucket`]: [`Bucketer`], which groups gradients into buckets as backward completes them.
-//! - [`ring`]: [`RingCollective`], a CPU all-reduce over a TCP ring; `pipeline` moves its data.
+//! - [`ring`]: [`RingCollective`], a CPU all-reduce over a TCP ring; `pipeline` moves its data,
+//!   through `shm`'s shared-memory segments on links whose two ranks share a host.
 //! - `nccl` (feature `cuda`): `NcclCollective`, GPU all-reduce through NCCL.
 
 pub mod bucket;
@@ -10,6 +11,7 @@ pub mod bucket;
 pub mod nccl;
 mod pipeline;
 pub mod ring;
+mod shm;
 
 pub use bucket::Bucketer;
 pub use ring::{RingAbort, RingCollective, RingConfig};

@@ -20,6 +20,7 @@ use std::sync::{Condvar, Mutex};
 use super::ring::{
     FrameHeader, FRAME_HEADER_LEN, KIND_ALL_GATHER, KIND_REDUCE_SCATTER, KIND_SCALAR,
 };
+use super::shm::Segment;
 
 /// One connection and the peer it leads to, for error messages.
 pub(super) struct Link {
@@ -27,7 +28,14 @@ pub(super) struct Link {
     pub rank: usize,
     /// The peer's listening address from the rendezvous.
     pub addr: SocketAddr,
+    /// The same-host path, when the handshake set one up: frames go through it and the
+    /// socket only rings its doorbell and reports failures (see [`super::shm`]).
+    pub shm: Option<Segment>,
 }
+
+/// Payloads are received in runs of at most this many f32, so the scratch they pass
+/// through stays in the L2 cache.
+const RUN: usize = 64 << 10;
 
 impl Link {
     pub fn name(&self) -> String {
@@ -35,15 +43,58 @@ impl Link {
     }
 
     pub fn write(&self, bytes: &[u8]) -> Result<(), String> {
-        (&self.stream)
-            .write_all(bytes)
-            .map_err(|e| format!("sending to {}: {}", self.name(), why(&e)))
+        let sent = match &self.shm {
+            Some(seg) => seg.send(&self.stream, bytes),
+            None => (&self.stream).write_all(bytes).map_err(|e| why(&e)),
+        };
+        sent.map_err(|m| format!("sending to {}: {m}", self.name()))
     }
 
     pub fn read(&self, bytes: &mut [u8]) -> Result<(), String> {
-        (&self.stream)
-            .read_exact(bytes)
-            .map_err(|e| format!("receiving from {}: {}", self.name(), why(&e)))
+        let got = match &self.shm {
+            Some(seg) => {
+                let mut at = 0;
+                seg.recv(&self.stream, bytes.len(), &mut |run| {
+                    bytes[at..at + run.len()].copy_from_slice(run);
+                    at += run.len();
+                    Ok(())
+                })
+            }
+            None => (&self.stream).read_exact(bytes).map_err(|e| why(&e)),
+        };
+        got.map_err(|m| format!("receiving from {}: {m}", self.name()))
+    }
+
+    /// Receives `count` f32 and hands them to `f` in runs, in order: straight from the
+    /// shared segment, or through `scratch` from the socket.
+    pub fn read_f32s(
+        &self,
+        count: usize,
+        scratch: &mut Vec<f32>,
+        f: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), String> {
+        let got = match &self.shm {
+            Some(seg) => seg.recv(&self.stream, count * 4, &mut |run| {
+                let vals = bytemuck::try_cast_slice(run)
+                    .map_err(|_| format!("a run of {} bytes is not whole f32s", run.len()))?;
+                f(vals);
+                Ok(())
+            }),
+            None => {
+                scratch.resize(count.min(RUN), 0.0);
+                let mut done = 0;
+                while done < count {
+                    let run = &mut scratch[..(count - done).min(RUN)];
+                    (&self.stream)
+                        .read_exact(bytemuck::cast_slice_mut(run))
+                        .map_err(|e| format!("receiving from {}: {}", self.name(), why(&e)))?;
+                    f(run);
+                    done += run.len();
+                }
+                return Ok(());
+            }
+        };
+        got.map_err(|m| format!("receiving from {}: {m}", self.name()))
     }
 
     pub fn shutdown(&self) {
@@ -312,15 +363,19 @@ fn recv_piece(
     let mut hb = [0u8; FRAME_HEADER_LEN];
     link.read(&mut hb)?;
     expect_header(link, &hb, want)?;
-    if kind == KIND_ALL_GATHER {
+    if kind == KIND_ALL_GATHER && link.shm.is_none() {
         return link.read(bytemuck::cast_slice_mut(out));
     }
-    scratch.resize(out.len(), 0.0);
-    link.read(bytemuck::cast_slice_mut(scratch.as_mut_slice()))?;
-    if last_add {
-        out.iter_mut().zip(scratch.iter()).for_each(|(o, v)| *o = (*o + v) / n);
-    } else {
-        out.iter_mut().zip(scratch.iter()).for_each(|(o, v)| *o += v);
-    }
-    Ok(())
+    let mut at = 0;
+    link.read_f32s(out.len(), scratch, &mut |vals| {
+        let o = &mut out[at..at + vals.len()];
+        at += vals.len();
+        if kind == KIND_ALL_GATHER {
+            o.copy_from_slice(vals);
+        } else if last_add {
+            o.iter_mut().zip(vals).for_each(|(o, v)| *o = (*o + v) / n);
+        } else {
+            o.iter_mut().zip(vals).for_each(|(o, v)| *o += v);
+        }
+    })
 }

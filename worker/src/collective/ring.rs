@@ -14,10 +14,13 @@
 //!
 //! Wire format (all integers little-endian):
 //! - Handshake, [`HANDSHAKE_LEN`] bytes: magic `FRNG`, version u16, kind u16
-//!   (hello/accept/reject), rank u32, world u32, token u64, 8 zero bytes. The connecting
+//!   (hello/accept/reject), rank u32, world u32, token u64, shm u64. The connecting
 //!   rank sends hello; the accepting rank checks magic, version, the sender's rank (must be
 //!   its predecessor), world and the job token, and answers accept or reject. Connections
 //!   that fail the check are refused and the acceptor keeps listening until its deadline.
+//!   A nonzero `shm` in the hello offers a shared-memory segment for the link's frames
+//!   ([`super::shm`]); an accept that echoes it takes the offer, zero keeps the link on TCP
+//!   (peers without the same-host path send and answer zero, so they interoperate).
 //! - Data frames, a [`FrameHeader`] of [`FRAME_HEADER_LEN`] bytes (kind, op counter,
 //!   buffer length, element offset, element count, step) followed by `count` f32 (or f64
 //!   for scalars; f32 payloads are sent from and received into the buffer without
@@ -39,6 +42,7 @@ use std::time::{Duration, Instant};
 use ferrite_kernels::CpuBackend;
 
 use super::pipeline::{why, Link, RingLinks};
+use super::shm::{self, Segment};
 use super::Collective;
 use crate::WorkerError;
 
@@ -71,10 +75,13 @@ pub struct RingConfig {
     pub connect_timeout: Duration,
     /// Size of the pieces a chunk is sent in (a multiple of 4).
     pub piece_bytes: usize,
+    /// Offer and accept the shared-memory path on links whose two ranks share `/dev/shm`.
+    pub shared_memory: bool,
 }
 
 impl RingConfig {
-    /// Defaults: 30 s I/O timeout, 10 s to connect, 1 MiB pieces.
+    /// Defaults: 30 s I/O timeout, 10 s to connect, 1 MiB pieces, shared memory where the
+    /// ranks share a host.
     pub fn new(rank: usize, peers: Vec<SocketAddr>, token: u64) -> Self {
         RingConfig {
             rank,
@@ -83,6 +90,7 @@ impl RingConfig {
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             piece_bytes: 1 << 20,
+            shared_memory: true,
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct Handshake {
     pub rank: u32,
     pub world: u32,
     pub token: u64,
+    /// Nonce of the offered (hello) or taken (accept) shared-memory segment; 0 for none.
+    pub shm: u64,
 }
 
 impl Handshake {
@@ -112,6 +122,7 @@ impl Handshake {
         b[8..12].copy_from_slice(&self.rank.to_le_bytes());
         b[12..16].copy_from_slice(&self.world.to_le_bytes());
         b[16..24].copy_from_slice(&self.token.to_le_bytes());
+        b[24..32].copy_from_slice(&self.shm.to_le_bytes());
         b
     }
 
@@ -134,6 +145,7 @@ impl Handshake {
             rank: u32::from_le_bytes(b[8..12].try_into().unwrap()),
             world: u32::from_le_bytes(b[12..16].try_into().unwrap()),
             token: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            shm: u64::from_le_bytes(b[24..32].try_into().unwrap()),
         })
     }
 }
@@ -238,6 +250,8 @@ pub struct RingCollective {
     in_flight: VecDeque<Vec<Range<usize>>>,
     /// Bucket buffers to reuse, so the step loop allocates nothing once warm.
     spare: Vec<Vec<f32>>,
+    /// How frames travel, for logs: see [`RingCollective::transport`].
+    transport: &'static str,
 }
 
 impl RingCollective {
@@ -270,27 +284,35 @@ impl RingCollective {
             broken: None,
             in_flight: VecDeque::new(),
             spare: Vec::new(),
+            transport: "none",
         };
         if world == 1 {
             return Ok(ring);
         }
         let deadline = Instant::now() + cfg.connect_timeout;
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        // The segment this rank's frames to the next rank would travel through.
+        let mut segment = None;
+        if cfg.shared_memory {
+            let nonce = shm::new_nonce();
+            segment = Segment::create(cfg.token, rank, nonce, io_timeout).ok().map(|s| (s, nonce));
+        }
         let hello = Handshake {
             kind: HandshakeKind::Hello,
             rank: rank as u32,
             world: world as u32,
             token: cfg.token,
+            shm: segment.as_ref().map_or(0, |s| s.1),
         };
         // Sending our hello before accepting cannot block (it fits the socket buffer), so
         // every rank reaches its accept and the ring cannot deadlock.
         let stream = connect_retry(cfg.peers[next], deadline).map_err(err)?;
-        let to_next = Link { stream, rank: next, addr: cfg.peers[next] };
+        let mut to_next = Link { stream, rank: next, addr: cfg.peers[next], shm: None };
         setup_stream(&to_next.stream, io_timeout)
             .map_err(|e| err(format!("{}: {e}", to_next.name())))?;
         to_next.write(&hello.encode()).map_err(err)?;
-        let from_prev = accept_prev(&listener, &cfg, prev, deadline).map_err(err)?;
-        let from_prev = Link { stream: from_prev, rank: prev, addr: cfg.peers[prev] };
+        let (from_prev, shm_in) = accept_prev(&listener, &cfg, prev, deadline).map_err(err)?;
+        let from_prev = Link { stream: from_prev, rank: prev, addr: cfg.peers[prev], shm: shm_in };
         // The next rank answers once it reaches its own accept, so wait up to the deadline.
         let wait = deadline.saturating_duration_since(Instant::now()).max(io_timeout);
         to_next.stream.set_read_timeout(Some(wait)).map_err(|e| err(e.to_string()))?;
@@ -312,6 +334,18 @@ impl RingCollective {
                 ack.world
             )));
         }
+        if let Some((mut seg, nonce)) = segment {
+            if ack.shm == nonce {
+                seg.unlink();
+                to_next.shm = Some(seg);
+            }
+        }
+        ring.transport = match (to_next.shm.is_some(), from_prev.shm.is_some()) {
+            (true, true) => "shared memory",
+            (false, false) => "tcp",
+            (true, false) => "shared memory to the next rank, tcp from the previous",
+            (false, true) => "tcp to the next rank, shared memory from the previous",
+        };
         let links = RingLinks {
             rank,
             world,
@@ -322,6 +356,12 @@ impl RingCollective {
         };
         ring.comm = Some(CommThread::start(links).map_err(err)?);
         Ok(ring)
+    }
+
+    /// How this rank's frames travel: "tcp", "shared memory" (both links on one host),
+    /// a mix of the two, or "none" for a world of one.
+    pub fn transport(&self) -> &'static str {
+        self.transport
     }
 
     /// A handle that breaks the ring from another thread: blocked sends and receives on
@@ -457,7 +497,7 @@ fn accept_prev(
     cfg: &RingConfig,
     prev: usize,
     deadline: Instant,
-) -> Result<TcpStream, String> {
+) -> Result<(TcpStream, Option<Segment>), String> {
     let world = cfg.peers.len();
     let io = |e: io::Error| format!("listener: {e}");
     listener.set_nonblocking(true).map_err(io)?;
@@ -475,8 +515,8 @@ fn accept_prev(
                     .read_exact(&mut b)
                     .map_err(|e| why(&e))
                     .and_then(|()| Handshake::decode(&b));
-                let reason = match got {
-                    Err(m) => Some(m),
+                let reason = match &got {
+                    Err(m) => Some(m.clone()),
                     Ok(h) if h.kind != HandshakeKind::Hello => {
                         Some(format!("sent {:?} instead of hello", h.kind))
                     }
@@ -492,15 +532,25 @@ fn accept_prev(
                     rank: cfg.rank as u32,
                     world: world as u32,
                     token: cfg.token,
+                    shm: 0,
                 };
-                match reason {
-                    None => {
+                match (reason, got) {
+                    (None, Ok(h)) => {
                         setup_stream(&s, cfg.io_timeout).map_err(io)?;
+                        // Take the offered segment if it can be mapped from here (it cannot
+                        // from another host, or without a shared /dev/shm).
+                        let seg = (cfg.shared_memory && h.shm != 0)
+                            .then(|| Segment::open(cfg.token, prev, h.shm, cfg.io_timeout).ok())
+                            .flatten();
+                        if seg.is_some() {
+                            answer.shm = h.shm;
+                        }
                         (&s).write_all(&answer.encode())
                             .map_err(|e| format!("answering rank {prev} ({from}): {}", why(&e)))?;
-                        return Ok(s);
+                        return Ok((s, seg));
                     }
-                    Some(m) => {
+                    (m, _) => {
+                        let m = m.unwrap_or_default();
                         answer.kind = HandshakeKind::Reject;
                         answer.token = 0;
                         let _ = (&s).write_all(&answer.encode());
