@@ -5,9 +5,10 @@
 # the real cluster: a coordinator, `ferrite worker`s over the TCP ring and a submitted job,
 # timed from the `step_ms` of its metrics.jsonl (median after the first step).
 # Prints a Markdown table: each side's step times and its scaling (1-worker time / 2-worker
-# time, ideally 2).
+# time, ideally 2). The two workers share this host, so their ring links use shared memory;
+# FERRITE_RING_SHM=0 (passed on to the workers) keeps them on loopback TCP.
 #   bench/scaling.sh [corpus.txt]      (default: ../shared/data/tinyshakespeare.txt)
-#   STEPS=4
+#   STEPS=4 FERRITE_RING_SHM=0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 corpus=${1:-../shared/data/tinyshakespeare.txt}
@@ -79,11 +80,13 @@ echo "pytorch DDP: world 1, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 t1=$(torch_ms 1)
 echo "pytorch DDP: world 2, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 t2=$(torch_ms 2)
-F1=$f1 F2=$f2 T1=$t1 T2=$t2 python3 - <<'PY'
+link=$([ "${FERRITE_RING_SHM:-1}" = 0 ] && echo "loopback TCP" || echo "shared memory")
+F1=$f1 F2=$f2 T1=$t1 T2=$t2 LINK=$link python3 - <<'PY'
 import os
 f1, f2, t1, t2 = (float(os.environ[k]) for k in ("F1", "F2", "T1", "T2"))
+link = os.environ["LINK"]
 print("| GPT-2-124M step, global batch 8, T=256 | 1 × 1 thread, ms | 2 × 1 thread, ms | scaling |")
 print("|---|---|---|---|")
-print(f"| Ferrite (TCP ring, `ferrite worker`s) | {f1:.0f} | {f2:.0f} | {f1 / f2:.2f} |")
+print(f"| Ferrite (`ferrite worker`s, ring over {link}) | {f1:.0f} | {f2:.0f} | {f1 / f2:.2f} |")
 print(f"| PyTorch DDP (gloo) | {t1:.0f} | {t2:.0f} | {t1 / t2:.2f} |")
 PY
