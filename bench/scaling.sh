@@ -71,6 +71,7 @@ f2=$(ferrite_step_ms 2 4)
 # Where the time went: every rank logs a `step phases` line per step (forward, backward,
 # all-reduce wait, optimizer); show the last steps of both runs.
 grep -h "step phases" "$work"/worker-*.log | tail -n "$((3 * steps))" >&2 || true
+grep -h "ring connected" "$work"/worker-*.log >&2 || true
 torch_ms() {
     "$P" bench/torch_gpt.py ddp --threads 1 --world "$1" --global-batch 8 --steps "$steps" \
         --vocab-size 50257 --block-size 256 |

@@ -295,7 +295,13 @@ impl RingCollective {
         let mut segment = None;
         if cfg.shared_memory {
             let nonce = shm::new_nonce();
-            segment = Segment::create(cfg.token, rank, nonce, io_timeout).ok().map(|s| (s, nonce));
+            segment = match Segment::create(cfg.token, rank, nonce, io_timeout) {
+                Ok(s) => Some((s, nonce)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no shared-memory segment: the link to the next rank stays on TCP");
+                    None
+                }
+            };
         }
         let hello = Handshake {
             kind: HandshakeKind::Hello,
@@ -540,8 +546,16 @@ fn accept_prev(
                         // Take the offered segment if it can be mapped from here (it cannot
                         // from another host, or without a shared /dev/shm).
                         let seg = (cfg.shared_memory && h.shm != 0)
-                            .then(|| Segment::open(cfg.token, prev, h.shm, cfg.io_timeout).ok())
-                            .flatten();
+                            .then(|| Segment::open(cfg.token, prev, h.shm, cfg.io_timeout))
+                            .and_then(|r| {
+                                r.map_err(|m| {
+                                    tracing::debug!(
+                                        offer = m,
+                                        "cannot map rank {prev}'s segment: the link stays on TCP"
+                                    )
+                                })
+                                .ok()
+                            });
                         if seg.is_some() {
                             answer.shm = h.shm;
                         }
