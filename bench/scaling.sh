@@ -2,7 +2,7 @@
 # Data-parallel scaling on this machine, beside PyTorch DDP (gloo): the GPT-2-124M-shaped
 # step (12 layers, 768 wide, vocabulary 50304 padded, T=256) at a global batch of 8, on one
 # worker with one thread against two workers with one thread each (batch 4 each), through
-# the real cluster: a coordinator, `ferrite worker`s over the TCP ring and a submitted job,
+# the real cluster: a coordinator, `ferrite worker`s over the ring and a submitted job,
 # timed from the `step_ms` of its metrics.jsonl (median after the first step).
 # Prints a Markdown table: each side's step times and its scaling (1-worker time / 2-worker
 # time, ideally 2). The two workers share this host, so their ring links use shared memory;

@@ -191,9 +191,21 @@ fn next_rank_answering_the_handshake_with_garbage_is_an_error_naming_it() {
 
 /// A hand-written rank 1 of a world of 2 that completes the handshake with the real rank 0
 /// at `addrs[0]`; returns (to rank 0, from rank 0).
-fn fake_rank1(l1: TcpListener, addrs: &[SocketAddr]) -> (TcpStream, TcpStream) {
+fn fake_rank1(l1: &TcpListener, addrs: &[SocketAddr]) -> (TcpStream, TcpStream) {
+    let (out, inc, _) = fake_rank1_offering(l1, addrs, 0);
+    (out, inc)
+}
+
+/// [`fake_rank1`] whose hello offers shared-memory segment `offer`; also returns rank 0's
+/// answer to the hello.
+fn fake_rank1_offering(
+    l1: &TcpListener,
+    addrs: &[SocketAddr],
+    offer: u64,
+) -> (TcpStream, TcpStream, Handshake) {
     let mut out = TcpStream::connect(addrs[0]).unwrap();
-    out.write_all(&hello(1, 2, TOKEN)).unwrap();
+    let ours = Handshake { shm: offer, ..Handshake::decode(&hello(1, 2, TOKEN)).unwrap() };
+    out.write_all(&ours.encode()).unwrap();
     let (mut inc, _) = l1.accept().unwrap();
     let mut b = [0u8; HANDSHAKE_LEN];
     inc.read_exact(&mut b).unwrap();
@@ -203,8 +215,9 @@ fn fake_rank1(l1: TcpListener, addrs: &[SocketAddr]) -> (TcpStream, TcpStream) {
     let accept = Handshake { kind: HandshakeKind::Accept, rank: 1, world: 2, token: TOKEN, shm: 0 };
     inc.write_all(&accept.encode()).unwrap();
     out.read_exact(&mut b).unwrap();
-    assert_eq!(Handshake::decode(&b).unwrap().kind, HandshakeKind::Accept);
-    (out, inc)
+    let answer = Handshake::decode(&b).unwrap();
+    assert_eq!(answer.kind, HandshakeKind::Accept);
+    (out, inc, answer)
 }
 
 /// Rank 0 of a world of 2 against a fake rank 1 that runs `fake`; returns rank 0's error
@@ -224,7 +237,7 @@ fn rank0_against_fake(
         let res = ring.all_reduce_mean(&CpuBackend::new(1).unwrap(), &mut buf, 10_000);
         (res.expect_err("must fail").to_string(), t0.elapsed())
     });
-    let (out, inc) = fake_rank1(l1, &addrs);
+    let (out, inc) = fake_rank1(&l1, &addrs);
     let f = thread::spawn(move || fake(out, inc));
     let res = r0.join().unwrap();
     f.join().unwrap();
@@ -430,16 +443,7 @@ fn an_offer_that_cannot_be_mapped_is_answered_with_tcp() {
     let cfg = config(0, &addrs, Duration::from_secs(10));
     let r0 = thread::spawn(move || RingCollective::connect(l0, cfg));
     // A rank 1 that offers a segment nobody created.
-    let mut out = TcpStream::connect(addrs[0]).unwrap();
-    let offer = Handshake { kind: HandshakeKind::Hello, rank: 1, world: 2, token: TOKEN, shm: 77 };
-    out.write_all(&offer.encode()).unwrap();
-    let (mut inc, _) = ls[0].accept().unwrap();
-    let mut b = [0u8; HANDSHAKE_LEN];
-    inc.read_exact(&mut b).unwrap();
-    let accept = Handshake { kind: HandshakeKind::Accept, rank: 1, world: 2, token: TOKEN, shm: 0 };
-    inc.write_all(&accept.encode()).unwrap();
-    out.read_exact(&mut b).unwrap();
-    let answer = Handshake::decode(&b).unwrap();
+    let (_out, _inc, answer) = fake_rank1_offering(&ls[0], &addrs, 77);
     assert_eq!((answer.kind, answer.shm), (HandshakeKind::Accept, 0));
     assert_eq!(r0.join().unwrap().unwrap().transport(), "tcp");
 }

@@ -80,21 +80,27 @@ impl Link {
                 f(vals);
                 Ok(())
             }),
-            None => {
-                scratch.resize(count.min(RUN), 0.0);
-                let mut done = 0;
-                while done < count {
-                    let run = &mut scratch[..(count - done).min(RUN)];
-                    (&self.stream)
-                        .read_exact(bytemuck::cast_slice_mut(run))
-                        .map_err(|e| format!("receiving from {}: {}", self.name(), why(&e)))?;
-                    f(run);
-                    done += run.len();
-                }
-                return Ok(());
-            }
+            None => self.read_runs(count, scratch, f).map_err(|e| why(&e)),
         };
         got.map_err(|m| format!("receiving from {}: {m}", self.name()))
+    }
+
+    /// The socket side of [`Link::read_f32s`]: `count` f32 through `scratch`, a run at a time.
+    fn read_runs(
+        &self,
+        count: usize,
+        scratch: &mut Vec<f32>,
+        f: &mut dyn FnMut(&[f32]),
+    ) -> io::Result<()> {
+        scratch.resize(count.min(RUN), 0.0);
+        let mut done = 0;
+        while done < count {
+            let run = &mut scratch[..(count - done).min(RUN)];
+            (&self.stream).read_exact(bytemuck::cast_slice_mut(run))?;
+            f(run);
+            done += run.len();
+        }
+        Ok(())
     }
 
     pub fn shutdown(&self) {

@@ -545,19 +545,18 @@ fn accept_prev(
                         setup_stream(&s, cfg.io_timeout).map_err(io)?;
                         // Take the offered segment if it can be mapped from here (it cannot
                         // from another host, or without a shared /dev/shm).
-                        let seg = (cfg.shared_memory && h.shm != 0)
-                            .then(|| Segment::open(cfg.token, prev, h.shm, cfg.io_timeout))
-                            .and_then(|r| {
-                                r.map_err(|m| {
-                                    tracing::debug!(
-                                        offer = m,
-                                        "cannot map rank {prev}'s segment: the link stays on TCP"
-                                    )
-                                })
-                                .ok()
-                            });
-                        if seg.is_some() {
-                            answer.shm = h.shm;
+                        let mut seg = None;
+                        if cfg.shared_memory && h.shm != 0 {
+                            match Segment::open(cfg.token, prev, h.shm, cfg.io_timeout) {
+                                Ok(s) => {
+                                    seg = Some(s);
+                                    answer.shm = h.shm;
+                                }
+                                Err(m) => tracing::debug!(
+                                    offer = m,
+                                    "cannot map rank {prev}'s segment: the link stays on TCP"
+                                ),
+                            }
                         }
                         (&s).write_all(&answer.encode())
                             .map_err(|e| format!("answering rank {prev} ({from}): {}", why(&e)))?;

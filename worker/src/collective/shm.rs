@@ -39,7 +39,7 @@ use memmap2::MmapMut;
 
 const MAGIC: [u8; 8] = *b"FRNGSHM1";
 /// Bytes of ring in a segment (a power of two, so positions may wrap at 2^32).
-pub const CAPACITY: usize = 4 << 20;
+const CAPACITY: usize = 4 << 20;
 const DATA: usize = 4096;
 const HEAD: usize = 64;
 const TAIL: usize = 128;
@@ -55,8 +55,8 @@ const _: () = assert!(CAPACITY.is_power_of_two() && CAPACITY.is_multiple_of(BLOC
 pub(super) struct Segment {
     _map: MmapMut,
     base: *mut u8,
-    /// The file's name while it still exists (the creator removes it once the other end
-    /// has mapped it, or when the link falls back to TCP).
+    /// The creator's file name while it still exists (removed once the other end has mapped
+    /// it, or when the link falls back to TCP; the other end removes it too once mapped).
     path: Option<PathBuf>,
     timeout: Duration,
 }
@@ -71,11 +71,11 @@ fn segment_path(token: u64, rank: usize, nonce: u64) -> PathBuf {
     PathBuf::from(format!("/dev/shm/ferrite-ring-{token:016x}-{rank}-{nonce:016x}"))
 }
 
-/// A random nonzero nonce from the standard library's per-process random keys.
+/// A random nonzero nonce, from the standard library's randomly keyed hasher.
 pub(super) fn new_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
+    h.write_u32(std::process::id());
     h.finish().max(1)
 }
 
@@ -85,13 +85,13 @@ impl Segment {
         let path = segment_path(token, rank, nonce);
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
-        let seg = file
+        let mut seg = file
             .set_len((DATA + CAPACITY) as u64)
-            .and_then(|()| Segment::map(&file, Some(path.clone()), timeout));
-        if seg.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
-        let seg = seg?;
+            .and_then(|()| Segment::map(&file, timeout))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })?;
+        seg.path = Some(path);
         // SAFETY: the header page is ours alone until the name is handed over.
         let header = unsafe { std::slice::from_raw_parts_mut(seg.base, 24) };
         header[0..8].copy_from_slice(&MAGIC);
@@ -114,23 +114,23 @@ impl Segment {
         if len != (DATA + CAPACITY) as u64 {
             return Err(format!("{} is {len} bytes, expected {}", path.display(), DATA + CAPACITY));
         }
-        let mut seg = Segment::map(&file, Some(path), timeout).map_err(|e| e.to_string())?;
+        let seg = Segment::map(&file, timeout).map_err(|e| e.to_string())?;
         // SAFETY: the creator wrote the first 24 bytes before announcing the name.
         let header = unsafe { std::slice::from_raw_parts(seg.base, 24) };
         let cap = u64::from_le_bytes(header[16..24].try_into().unwrap());
         if header[0..8] != MAGIC || header[8..16] != nonce.to_le_bytes() || cap != CAPACITY as u64 {
             return Err("the segment's header does not match the announced one".into());
         }
-        seg.unlink();
+        let _ = std::fs::remove_file(&path);
         Ok(seg)
     }
 
-    fn map(file: &std::fs::File, path: Option<PathBuf>, timeout: Duration) -> io::Result<Self> {
+    fn map(file: &std::fs::File, timeout: Duration) -> io::Result<Self> {
         // SAFETY: a fresh tmpfs file of our own; the other end changes it only through the
         // protocol above.
         let mut map = unsafe { MmapMut::map_mut(file)? };
         let base = map.as_mut_ptr();
-        Ok(Segment { _map: map, base, path, timeout })
+        Ok(Segment { _map: map, base, path: None, timeout })
     }
 
     /// Removes the segment's name; the mappings stay.
