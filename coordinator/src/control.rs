@@ -7,7 +7,8 @@
 //! reports about any other attempt than the job's current one are ignored.
 //!
 //! What lives only in memory (rebuilt as workers attach): the open worker sessions, which
-//! rank each worker runs, which ranks of an attempt are up, and the per-step metrics
+//! rank each worker runs, which ranks of an attempt are up, the NCCL unique id of each
+//! attempt on GPUs (rank 0's worker repeats it when it reattaches), and the per-step metrics
 //! (broadcast to `WatchJob` followers and kept for `job logs`).
 //!
 //! A worker is live while its store lease is; a worker whose stream ends is deregistered at
@@ -68,6 +69,12 @@ pub enum ToWorker {
     HeartbeatAck {
         sent_unix_ms: i64,
     },
+    /// Rank 0's NCCL unique id, for a rank > 0 of the same attempt to join the communicator.
+    Rendezvous {
+        job: JobId,
+        attempt: u32,
+        nccl_id: Vec<u8>,
+    },
 }
 
 /// Metrics of one optimizer step, from rank 0.
@@ -91,6 +98,12 @@ pub enum FromWorker {
     },
     /// Rendezvous done, training loop entered.
     Running(TaskRef),
+    /// Rank 0 of a GPU job made the attempt's NCCL unique id; the other ranks wait for it.
+    NcclId {
+        job: JobId,
+        attempt: u32,
+        id: Vec<u8>,
+    },
     Progress(TaskRef, StepReport),
     /// Rank 0 wrote a checkpoint whole.
     CheckpointWritten {
@@ -161,6 +174,8 @@ pub struct Controller {
     sessions: Mutex<HashMap<WorkerId, Session>>,
     /// Ranks up, per (job, attempt).
     ranks_up: Mutex<HashMap<(JobId, u32), HashSet<u32>>>,
+    /// Rank 0's NCCL unique id, per (job, attempt) still active.
+    nccl_ids: Mutex<HashMap<(JobId, u32), Vec<u8>>>,
     /// Recent step metrics per job.
     steps: Mutex<HashMap<JobId, VecDeque<StepReport>>>,
     events: broadcast::Sender<JobEvent>,
@@ -190,6 +205,7 @@ impl Controller {
             strategy: QueueingStrategy::default(),
             sessions: Mutex::new(HashMap::new()),
             ranks_up: Mutex::new(HashMap::new()),
+            nccl_ids: Mutex::new(HashMap::new()),
             steps: Mutex::new(HashMap::new()),
             events: broadcast::channel(EVENT_BUFFER).0,
             wake: Notify::new(),
@@ -287,6 +303,10 @@ impl Controller {
         if let Some(task) = &running {
             tracing::info!(worker = %worker, job = %task.job, rank = task.rank, "worker reattached");
         }
+        // A rank that reattaches may have missed its attempt's NCCL id on the old stream.
+        if let Some(rendezvous) = running.as_ref().and_then(|t| self.rendezvous_for(t)) {
+            let _ = tx.send(rendezvous);
+        }
         let session =
             Session { serial, info, tx, task: running, cancel_sent: false, heard: Instant::now() };
         lock(&self.sessions).insert(worker.clone(), session);
@@ -346,6 +366,9 @@ impl Controller {
                     self.advance(&job, JobState::Running, &reason).await?;
                 }
                 Ok(())
+            }
+            FromWorker::NcclId { job, attempt, id } => {
+                self.relay_nccl_id(worker, job, attempt, id).await
             }
             FromWorker::Progress(task, report) => {
                 let Some(job) = self.current(&task).await? else { return Ok(()) };
@@ -419,6 +442,52 @@ impl Controller {
         }
     }
 
+    /// Hands rank 0's NCCL unique id to every other rank of its attempt, and keeps it for a
+    /// rank that reattaches. Only the worker running rank 0 of the current attempt may set it;
+    /// from any other (a stale rank, a confused worker) it is ignored.
+    async fn relay_nccl_id(
+        &self,
+        worker: &WorkerId,
+        job: JobId,
+        attempt: u32,
+        id: Vec<u8>,
+    ) -> Result<()> {
+        let rank0 = TaskRef { job, attempt, rank: 0 };
+        if self.current(&rank0).await?.is_none() {
+            return Ok(());
+        }
+        let runs_rank0 =
+            lock(&self.sessions).get(worker).is_some_and(|s| s.task.as_ref() == Some(&rank0));
+        if !runs_rank0 {
+            tracing::warn!(worker = %worker, job = %rank0.job, attempt, "NCCL id from a worker not running rank 0; ignored");
+            return Ok(());
+        }
+        lock(&self.nccl_ids).insert((rank0.job.clone(), attempt), id);
+        let mut relayed = 0;
+        for s in lock(&self.sessions).values() {
+            let Some(task) = &s.task else { continue };
+            if let Some(rendezvous) = self.rendezvous_for(task) {
+                relayed += usize::from(s.tx.send(rendezvous).is_ok());
+            }
+        }
+        tracing::info!(job = %rank0.job, attempt, ranks = relayed, "NCCL unique id relayed");
+        Ok(())
+    }
+
+    /// The rendezvous message for `task`, when it is a rank > 0 whose attempt's id is known.
+    fn rendezvous_for(&self, task: &TaskRef) -> Option<ToWorker> {
+        if task.rank == 0 {
+            return None;
+        }
+        let ids = lock(&self.nccl_ids);
+        let id = ids.get(&(task.job.clone(), task.attempt))?;
+        Some(ToWorker::Rendezvous {
+            job: task.job.clone(),
+            attempt: task.attempt,
+            nccl_id: id.clone(),
+        })
+    }
+
     /// Moves a job on, unless another report (another rank's, a cancel) moved it first: two
     /// ranks race to report a job running, and losing that race is no error of the worker's.
     async fn advance(&self, job: &Job, to: JobState, reason: &str) -> Result<()> {
@@ -480,6 +549,9 @@ impl Controller {
         }
         let jobs = self.jobs.list().await?;
         self.stop_stale_ranks(&jobs);
+        let active: HashSet<(&JobId, u32)> =
+            jobs.iter().filter(|j| is_active(j.state)).map(|j| (&j.id, j.attempt)).collect();
+        lock(&self.nccl_ids).retain(|(job, attempt), _| active.contains(&(job, *attempt)));
         let mut busy: HashSet<WorkerId> = HashSet::new();
         for job in jobs.iter().filter(|j| is_active(j.state)) {
             busy.extend(job.workers.iter().cloned());

@@ -19,6 +19,10 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet` of every `ferrite.v1` file, for `tonic-reflection`.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("ferrite_v1_descriptor");
+
+    /// Length of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`): `NcclUniqueId.id` and
+    /// `Rendezvous.nccl_unique_id` carry exactly this many bytes.
+    pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 }
 
 #[cfg(test)]

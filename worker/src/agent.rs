@@ -17,6 +17,11 @@
 //!   heartbeat sent less than 3/5 of the lease ago was acknowledged ([`Lease`]).
 //! - A cancellation stops the rank before its next step and breaks its ring connections, so
 //!   neither it nor its peers wait for an I/O timeout.
+//!
+//! GPU ranks of a job of several workers meet through NCCL: rank 0 makes the unique id and
+//! reports it (`NcclUniqueId`, repeated on every reattach while the rank runs), the
+//! coordinator relays it to the other ranks (`Rendezvous`), whose threads wait for it in
+//! their [`IdSlot`] and then all join the communicator.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -36,7 +41,7 @@ use tokio_stream::StreamExt;
 
 use tonic::Code;
 
-use crate::collective::{RingAbort, RingCollective, RingConfig};
+use crate::collective::{IdSlot, RingAbort, RingCollective, RingConfig};
 
 use crate::metrics::{Timed, WorkerMetrics};
 use crate::trainer::Event;
@@ -86,6 +91,11 @@ struct Running {
     task: TaskRef,
     stop: Arc<AtomicBool>,
     ring: Arc<Mutex<Option<RingAbort>>>,
+    /// Rank 0's NCCL unique id, as the coordinator relays it (GPU ranks > 0).
+    nccl_id: Arc<IdSlot>,
+    /// The NCCL unique id this rank made (GPU rank 0), repeated on every reattach so a
+    /// restarted coordinator can still relay it.
+    announced: Option<pb::NcclUniqueId>,
 }
 
 impl Running {
@@ -236,6 +246,11 @@ struct Agent {
     beats: Beats,
 }
 
+/// How long a GPU rank > 0 waits for rank 0's NCCL id (rank 0 loads NCCL and makes it in
+/// well under a second; a rank 0 that fails is cancelled, and so are the waiting ranks).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const NCCL_ID_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Backoff while the coordinator is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -365,6 +380,9 @@ impl Agent {
             hello.rank = r.task.rank;
         }
         send(Report::Hello(hello));
+        if let Some(announced) = self.running.as_ref().and_then(|r| r.announced.clone()) {
+            send(Report::NcclId(announced));
+        }
         if let Some(result) = self.undelivered.clone() {
             send(Report::Result(result));
         }
@@ -380,6 +398,11 @@ impl Agent {
                 }
                 report = self.events.1.recv() => {
                     let Some(report) = report else { continue };
+                    if let (Report::NcclId(n), Some(run)) = (&report, self.running.as_mut()) {
+                        if run.task.job_id == n.job_id && run.task.attempt == n.attempt {
+                            run.announced = Some(n.clone());
+                        }
+                    }
                     if let Report::Result(r) = &report {
                         let task = TaskRef { job_id: r.job_id.clone(), attempt: r.attempt, rank: r.rank };
                         if self.running.as_ref().is_some_and(|run| run.task == task) {
@@ -417,7 +440,19 @@ impl Agent {
                     r.stop();
                 }
             }
-            Some(Body::Rendezvous(_)) | None => {}
+            Some(Body::Rendezvous(r)) => {
+                let target = self
+                    .running
+                    .as_ref()
+                    .filter(|run| run.task.job_id == r.job_id && run.task.attempt == r.attempt);
+                match target {
+                    Some(run) => run.nccl_id.deliver(r.nccl_unique_id),
+                    None => {
+                        tracing::debug!(job = %r.job_id, attempt = r.attempt, "stale rendezvous ignored")
+                    }
+                }
+            }
+            None => {}
         }
     }
 
@@ -433,6 +468,8 @@ impl Agent {
             task: task.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             ring: Arc::new(Mutex::new(None)),
+            nccl_id: Arc::new(IdSlot::new()),
+            announced: None,
         };
         let rank = RankRun {
             assignment: a,
@@ -441,6 +478,7 @@ impl Agent {
             listener: self.listener.clone(),
             stop: running.stop.clone(),
             ring: running.ring.clone(),
+            nccl_id: running.nccl_id.clone(),
             events: self.events.0.clone(),
             metrics: self.cfg.metrics.clone(),
             lease: self.lease.clone(),
@@ -473,6 +511,7 @@ struct RankRun {
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     ring: Arc<Mutex<Option<RingAbort>>>,
+    nccl_id: Arc<IdSlot>,
     events: mpsc::UnboundedSender<Report>,
     metrics: Arc<WorkerMetrics>,
     lease: Arc<Lease>,
@@ -537,9 +576,7 @@ impl RankRun {
         self.drive(trainer, final_step)
     }
 
-    /// A rank on a GPU. Jobs of one worker only for now: several CUDA ranks need NCCL's
-    /// unique id relayed by the coordinator (rank 0's `NcclUniqueId`, the others'
-    /// `Rendezvous`), which it does not do yet; `collective::nccl` is ready for it.
+    /// A rank on a GPU; the ranks of a job of several workers all-reduce through NCCL.
     #[cfg(feature = "cuda")]
     fn train_cuda(
         &self,
@@ -547,22 +584,46 @@ impl RankRun {
         spec: JobSpec,
         final_step: &mut u64,
     ) -> Result<(), WorkerError> {
+        use crate::Collective;
+        use ferrite_kernels::cuda::CudaBackend;
         let a = &self.assignment;
-        if a.world_size > 1 {
-            return Err(WorkerError::Collective(format!(
-                "cuda:{ordinal}: a job on {} CUDA workers needs the NCCL rendezvous, which the \
-                 coordinator does not relay yet; run CUDA jobs on one worker",
-                a.world_size
-            )));
-        }
-        let be = Arc::new(ferrite_kernels::cuda::CudaBackend::new(ordinal)?);
+        let be = Arc::new(CudaBackend::new(ordinal)?);
         if self.stop.load(Ordering::Relaxed) {
             return Err(WorkerError::Stopped { step: 0 });
         }
+        let collective: Box<dyn Collective<CudaBackend>> =
+            if a.world_size > 1 { Box::new(self.join_nccl(&be)?) } else { Box::new(crate::Single) };
         self.metrics.rank_started(&a.job_id, a.rank, a.world_size);
-        let timed = Timed::new(Box::new(crate::Single), self.metrics.clone());
+        let timed = Timed::new(collective, self.metrics.clone());
         let trainer = Trainer::new(be, spec, Box::new(timed))?;
         self.drive(trainer, final_step)
+    }
+
+    /// Joins the job's NCCL communicator: rank 0 makes the unique id and reports it, the
+    /// others wait for the coordinator to relay it. Returns once every rank has joined.
+    #[cfg(feature = "cuda")]
+    fn join_nccl(
+        &self,
+        be: &ferrite_kernels::cuda::CudaBackend,
+    ) -> Result<crate::collective::nccl::NcclCollective, WorkerError> {
+        use crate::collective::nccl::{NcclCollective, NcclId};
+        let a = &self.assignment;
+        let (rank, world) = (a.rank as usize, a.world_size as usize);
+        let id = if rank == 0 {
+            let id = NcclId::new()?;
+            let _ = self.events.send(Report::NcclId(pb::NcclUniqueId {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                id: id.to_bytes(),
+            }));
+            id
+        } else {
+            NcclId::from_bytes(&self.nccl_id.wait(&self.stop, NCCL_ID_TIMEOUT)?)?
+        };
+        tracing::info!(job = %a.job_id, rank, world, "joining the NCCL communicator");
+        let nccl = NcclCollective::new(be, rank, world, &id)?;
+        tracing::info!(job = %a.job_id, rank, world, "NCCL connected");
+        Ok(nccl)
     }
 
     #[cfg(not(feature = "cuda"))]

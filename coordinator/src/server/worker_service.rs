@@ -1,5 +1,6 @@
 //! `ferrite.v1.WorkerService`: registration, then one `Attach` stream per worker that carries
-//! heartbeats and reports up and assignments and cancellations down. The stream's handlers
+//! heartbeats and reports up (rank 0's NCCL unique id among them) and assignments,
+//! rendezvous and cancellations down. The stream's handlers
 //! only convert between the wire and [`crate::control`]'s domain messages.
 
 use std::pin::Pin;
@@ -179,8 +180,16 @@ fn from_wire(msg: pb::WorkerMessage) -> Result<FromWorker, Error> {
             };
             FromWorker::Progress(task(&p.job_id, p.attempt, p.rank)?, report)
         }
-        Body::NcclId(_) => {
-            return Err(Error::invalid("body", "NCCL rendezvous needs CUDA workers"));
+        Body::NcclId(n) => {
+            if n.id.len() != pb::NCCL_UNIQUE_ID_BYTES {
+                let why = format!(
+                    "an NCCL unique id is {} bytes, got {}",
+                    pb::NCCL_UNIQUE_ID_BYTES,
+                    n.id.len()
+                );
+                return Err(Error::invalid("nccl_id.id", why));
+            }
+            FromWorker::NcclId { job: JobId::parse(&n.job_id)?, attempt: n.attempt, id: n.id }
         }
         Body::Checkpoint(c) => {
             let checkpoint = Checkpoint::try_from(required("checkpoint", c.checkpoint)?)?;
@@ -214,6 +223,11 @@ fn to_wire(msg: ToWorker) -> pb::CoordinatorMessage {
         ToWorker::HeartbeatAck { sent_unix_ms } => {
             Body::HeartbeatAck(pb::HeartbeatAck { sent_unix_ms })
         }
+        ToWorker::Rendezvous { job, attempt, nccl_id } => Body::Rendezvous(pb::Rendezvous {
+            job_id: job.to_string(),
+            attempt,
+            nccl_unique_id: nccl_id,
+        }),
     };
     pb::CoordinatorMessage { body: Some(body) }
 }

@@ -5,15 +5,18 @@
 //! - [`ring`]: [`RingCollective`], a CPU all-reduce over a TCP ring; `pipeline` moves its data,
 //!   through `shm`'s shared-memory segments on links whose two ranks share a host.
 //! - `nccl` (feature `cuda`): `NcclCollective`, GPU all-reduce through NCCL.
+//! - [`rendezvous`]: [`IdSlot`], where a GPU rank waits for rank 0's NCCL id.
 
 pub mod bucket;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod pipeline;
+pub mod rendezvous;
 pub mod ring;
 mod shm;
 
 pub use bucket::Bucketer;
+pub use rendezvous::IdSlot;
 pub use ring::{RingAbort, RingCollective, RingConfig};
 
 use std::ops::Range;

@@ -1,8 +1,9 @@
 //! NCCL all-reduce between GPU ranks, through `cudarc::nccl` (feature `cuda`).
 //!
 //! Rendezvous: rank 0 makes an [`NcclId`] ([`NcclId::new`]), whose 128 bytes
-//! ([`NcclId::to_bytes`]) reach every other rank by some other channel (the coordinator's
-//! assignment); each rank then calls [`NcclCollective::new`] (or
+//! ([`NcclId::to_bytes`]) reach every other rank through the coordinator (rank 0's worker
+//! reports them as `NcclUniqueId`, the coordinator relays them to the other ranks' workers as
+//! `Rendezvous`, see `agent.rs`); each rank then calls [`NcclCollective::new`] (or
 //! [`NcclCollective::from_id_bytes`]) with its rank, the world size and the id. That call
 //! blocks until all `world` ranks have joined.
 //!
@@ -22,8 +23,8 @@ use ferrite_kernels::cuda::CudaBackend;
 use super::Collective;
 use crate::WorkerError;
 
-/// Bytes in an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
-pub const NCCL_ID_BYTES: usize = 128;
+/// Bytes in an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`), as the wire carries it.
+pub const NCCL_ID_BYTES: usize = ferrite_proto::v1::NCCL_UNIQUE_ID_BYTES;
 
 fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> WorkerError {
     WorkerError::Collective(format!("NCCL: {what}: {e:?}"))
