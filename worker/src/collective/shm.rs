@@ -20,6 +20,11 @@
 //!   it, checks the nonce inside and echoes it in its accept. Any failure on the way (no
 //!   `/dev/shm`, another host, a peer without this path, disabled) leaves the link on TCP.
 //!
+//! A name lives only between the producer's create and the consumer's map (or the producer's
+//! fallback to TCP). A producer killed in between leaves it behind, so every create first
+//! removes the names whose creator (its pid is the nonce's high half) is gone
+//! ([`sweep_stale`]).
+//!
 //! Layout: one 4 KiB header page (magic, nonce, capacity, then the producer's position, the
 //! consumer's position and the two sleep flags on cache lines of their own), then
 //! [`CAPACITY`] bytes of ring. Positions are byte counts modulo 2^32; the ring holds
@@ -31,7 +36,7 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -67,21 +72,70 @@ pub(super) struct Segment {
 unsafe impl Send for Segment {}
 unsafe impl Sync for Segment {}
 
+const SHM_DIR: &str = "/dev/shm";
+const PREFIX: &str = "ferrite-ring-";
+/// A name left this long by a creator that no longer exists is removed. Longer than any
+/// handshake, so a segment whose creator lives in another pid namespace (containers that
+/// share only `/dev/shm`), and so looks gone from here, is never removed while in use.
+const STALE_AFTER: Duration = Duration::from_secs(120);
+
 fn segment_path(token: u64, rank: usize, nonce: u64) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/ferrite-ring-{token:016x}-{rank}-{nonce:016x}"))
+    Path::new(SHM_DIR).join(format!("{PREFIX}{token:016x}-{rank}-{nonce:016x}"))
 }
 
-/// A random nonzero nonce, from the standard library's randomly keyed hasher.
+/// A fresh nonce: the creator's pid in the high half (so a leftover name tells whose it
+/// was), 32 random bits from the standard library's randomly keyed hasher in the low half.
 pub(super) fn new_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
-    h.finish().max(1)
+    (u64::from(std::process::id()) << 32) | (h.finish() & 0xffff_ffff)
+}
+
+/// The pid a segment name's nonce carries, if the name is one of ours.
+fn creator_pid(name: &str) -> Option<i32> {
+    let nonce = name.strip_prefix(PREFIX)?.rsplit('-').next()?;
+    if nonce.len() != 16 {
+        return None;
+    }
+    let pid = u64::from_str_radix(nonce, 16).ok()? >> 32;
+    i32::try_from(pid).ok().filter(|&p| p > 0)
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the segment names in `dir` older than `min_age` whose creator no longer exists;
+/// returns how many. Names of live processes, young names and other files stay.
+pub(super) fn sweep_stale(dir: &Path, min_age: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(creator_pid) else { continue };
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a >= min_age) && !process_exists(pid) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), pid, "removed a shared-memory segment left by a gone process");
+                    removed += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(path = %entry.path().display(), error = %e, "removing a stale segment")
+                }
+            }
+        }
+    }
+    removed
 }
 
 impl Segment {
     /// The producer's side: creates and maps a fresh segment (mode 0600).
     pub fn create(token: u64, rank: usize, nonce: u64, timeout: Duration) -> io::Result<Self> {
+        sweep_stale(Path::new(SHM_DIR), STALE_AFTER);
         let path = segment_path(token, rank, nonce);
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
@@ -282,5 +336,58 @@ fn drain_bells(stream: &TcpStream) -> Result<(), String> {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::time::SystemTime;
+
+    /// A pid that existed and is gone: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn nonces_carry_the_creators_pid() {
+        let name = format!("{PREFIX}{:016x}-1-{:016x}", 42, new_nonce());
+        assert_eq!(creator_pid(&name), Some(std::process::id() as i32));
+        assert_ne!(new_nonce(), new_nonce());
+        assert_eq!(creator_pid("ferrite-ring-zz"), None);
+        assert_eq!(creator_pid("other-0000000100000000"), None);
+    }
+
+    #[test]
+    fn sweep_removes_only_old_names_of_gone_creators() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |pid: u32| format!("{PREFIX}{:016x}-0-{:016x}", 7, (u64::from(pid) << 32) | 5);
+        let old = SystemTime::now() - Duration::from_secs(600);
+        let make = |name: &str, modified: SystemTime| {
+            let f = File::create(dir.path().join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        let dead = dead_pid();
+        make(&name(dead), old);
+        make(&name(std::process::id()), old);
+        make(&name(dead).replace("-0-", "-1-"), SystemTime::now());
+        make("unrelated-file", old);
+        assert_eq!(sweep_stale(dir.path(), Duration::from_secs(120)), 1);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            name(std::process::id()),
+            name(dead).replace("-0-", "-1-"),
+            "unrelated-file".to_owned(),
+        ];
+        want.sort();
+        assert_eq!(left, want, "only the old name of the gone creator goes");
     }
 }
