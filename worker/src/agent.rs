@@ -511,6 +511,8 @@ struct RankRun {
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     ring: Arc<Mutex<Option<RingAbort>>>,
+    /// Where a GPU rank > 0 waits for rank 0's NCCL id (read only by the CUDA path).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     nccl_id: Arc<IdSlot>,
     events: mpsc::UnboundedSender<Report>,
     metrics: Arc<WorkerMetrics>,
