@@ -1,6 +1,5 @@
 //! The coordinator's gRPC server in-process on 127.0.0.1:0 with an embedded store (the
 //! control loop runs behind it), and a client channel to it.
-#![allow(dead_code)] // each test file uses part of it
 
 use std::sync::Arc;
 
