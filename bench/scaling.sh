@@ -5,7 +5,8 @@
 # the real cluster: a coordinator, `ferrite worker`s over the ring and a submitted job,
 # timed from the `step_ms` of its metrics.jsonl (median after the first step).
 # Prints a Markdown table: each side's step times and its scaling (1-worker time / 2-worker
-# time, ideally 2). The two workers share this host, so their ring links use shared memory;
+# time, ideally 2), and the machine's ceiling: two independent processes that never
+# communicate (the slower counts), against one alone. The two workers share this host, so their ring links use shared memory;
 # FERRITE_RING_SHM=0 (passed on to the workers) keeps them on loopback TCP.
 #   bench/scaling.sh [corpus.txt]      (default: ../shared/data/tinyshakespeare.txt)
 #   STEPS=4 FERRITE_RING_SHM=0
@@ -27,9 +28,9 @@ for n in 0 1; do
     RUST_LOG=info,ferrite_worker::trainer=debug start "worker-$n" worker --coordinator "$url" --threads 1 --listen 127.0.0.1:0
 done
 
-# Runs the step on $1 workers of batch $2; prints the median step_ms after the first step.
-ferrite_step_ms() {
-    local name="w$1"
+# Writes $work/$1.toml: the job on $2 workers of batch $3, writing into $work/$1.
+job_file() {
+    local name=$1
     cat >"$work/$name.toml" <<TOML
 name = "scaling-$name"
 [model]
@@ -40,28 +41,39 @@ block_size = 256
 [data]
 dir = "$work/data"
 [train]
-batch_size = $2
+batch_size = $3
 max_steps = $steps
 learning_rate = 6e-4
 warmup_steps = 1
 lr_decay_steps = $steps
 eval_interval = 0
 seed = 1
+threads = 1
 [output]
 dir = "$work/$name"
 checkpoint_interval = 0
 keep_checkpoints = 1
 [cluster]
-workers = $1
+workers = $2
 TOML
-    local id
-    id=$("$F" job submit "$work/$name.toml" --coordinator "$url" | grep -o 'job-[0-9]*' | head -n 1)
-    wait_succeeded "$id" "$url"
-    python3 - "$work/$name/metrics.jsonl" <<'PY'
+}
+
+# The median step_ms after the first step of the run that wrote into $work/$1.
+median_ms() {
+    python3 - "$work/$1/metrics.jsonl" <<'PY'
 import json, statistics, sys
 ms = [json.loads(l)["step_ms"] for l in open(sys.argv[1])][1:]
 print(round(statistics.median(ms), 1))
 PY
+}
+
+# Runs the step on $1 workers of batch $2; prints its median step time.
+ferrite_step_ms() {
+    job_file "w$1" "$1" "$2"
+    local id
+    id=$("$F" job submit "$work/w$1.toml" --coordinator "$url" | grep -o 'job-[0-9]*' | head -n 1)
+    wait_succeeded "$id" "$url"
+    median_ms "w$1"
 }
 
 echo "ferrite: 1 worker x batch 8, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -81,13 +93,30 @@ echo "pytorch DDP: world 1, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 t1=$(torch_ms 1)
 echo "pytorch DDP: world 2, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 t2=$(torch_ms 2)
+# The machine's own ceiling: the same training loop as `ferrite train` processes that never
+# communicate, one of batch 8 alone, then two of batch 4 at once (the slower counts, as in
+# lockstep training). Two cores that share memory bandwidth, caches and a turbo budget stay
+# below 2 here, and no all-reduce beats it.
+for name in alone:8 pair-a:4 pair-b:4; do job_file "${name%:*}" 1 "${name#*:}"; done
+echo "ferrite train: batch 8 alone, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+"$F" train --plain "$work/alone.toml" >"$work/alone.out" 2>&1
+echo "ferrite train: two of batch 4 at once, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+"$F" train --plain "$work/pair-a.toml" >"$work/pair-a.out" 2>&1 &
+pair=$!
+"$F" train --plain "$work/pair-b.toml" >"$work/pair-b.out" 2>&1
+wait "$pair"
+c1=$(median_ms alone)
+c2a=$(median_ms pair-a)
+c2b=$(median_ms pair-b)
 link=$([ "${FERRITE_RING_SHM:-1}" = 0 ] && echo "loopback TCP" || echo "shared memory")
-F1=$f1 F2=$f2 T1=$t1 T2=$t2 LINK=$link python3 - <<'PY'
+F1=$f1 F2=$f2 T1=$t1 T2=$t2 C1=$c1 C2A=$c2a C2B=$c2b LINK=$link python3 - <<'PY'
 import os
-f1, f2, t1, t2 = (float(os.environ[k]) for k in ("F1", "F2", "T1", "T2"))
+f1, f2, t1, t2, c1 = (float(os.environ[k]) for k in ("F1", "F2", "T1", "T2", "C1"))
+c2 = max(float(os.environ["C2A"]), float(os.environ["C2B"]))
 link = os.environ["LINK"]
 print("| GPT-2-124M step, global batch 8, T=256 | 1 × 1 thread, ms | 2 × 1 thread, ms | scaling |")
 print("|---|---|---|---|")
 print(f"| Ferrite (`ferrite worker`s, ring over {link}) | {f1:.0f} | {f2:.0f} | {f1 / f2:.2f} |")
 print(f"| PyTorch DDP (gloo) | {t1:.0f} | {t2:.0f} | {t1 / t2:.2f} |")
+print(f"| ceiling: `ferrite train` ×2 at once, no communication | {c1:.0f} | {c2:.0f} | {c1 / c2:.2f} |")
 PY
