@@ -6,8 +6,9 @@
 # timed from the `step_ms` of its metrics.jsonl (median after the first step).
 # Prints a Markdown table: each side's step times and its scaling (1-worker time / 2-worker
 # time, ideally 2), and the machine's ceiling: two independent processes that never
-# communicate (the slower counts), against one alone. The two workers share this host, so their ring links use shared memory;
-# FERRITE_RING_SHM=0 (passed on to the workers) keeps them on loopback TCP.
+# communicate (the slower counts), against one alone. The two workers share this host, so
+# their ring links use shared memory; FERRITE_RING_SHM=0 (passed on to the workers) keeps
+# them on loopback TCP.
 #   bench/scaling.sh [corpus.txt]      (default: ../shared/data/tinyshakespeare.txt)
 #   STEPS=4 FERRITE_RING_SHM=0
 set -euo pipefail
