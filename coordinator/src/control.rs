@@ -474,6 +474,17 @@ impl Controller {
         Ok(())
     }
 
+    /// Drops the NCCL ids of attempts no longer active (most clusters hold none: CPU jobs).
+    fn forget_ended_nccl_ids(&self, jobs: &[Job]) {
+        let mut ids = lock(&self.nccl_ids);
+        if ids.is_empty() {
+            return;
+        }
+        let active: HashSet<(&JobId, u32)> =
+            jobs.iter().filter(|j| is_active(j.state)).map(|j| (&j.id, j.attempt)).collect();
+        ids.retain(|(job, attempt), _| active.contains(&(job, *attempt)));
+    }
+
     /// The rendezvous message for `task`, when it is a rank > 0 whose attempt's id is known.
     fn rendezvous_for(&self, task: &TaskRef) -> Option<ToWorker> {
         if task.rank == 0 {
@@ -549,9 +560,7 @@ impl Controller {
         }
         let jobs = self.jobs.list().await?;
         self.stop_stale_ranks(&jobs);
-        let active: HashSet<(&JobId, u32)> =
-            jobs.iter().filter(|j| is_active(j.state)).map(|j| (&j.id, j.attempt)).collect();
-        lock(&self.nccl_ids).retain(|(job, attempt), _| active.contains(&(job, *attempt)));
+        self.forget_ended_nccl_ids(&jobs);
         let mut busy: HashSet<WorkerId> = HashSet::new();
         for job in jobs.iter().filter(|j| is_active(j.state)) {
             busy.extend(job.workers.iter().cloned());

@@ -122,7 +122,7 @@ async fn rank_0s_nccl_id_reaches_every_other_rank_of_its_attempt() {
     // Index workers by rank.
     let mut by_rank: Vec<(pb::Assignment, FakeWorker)> = ranks.into_iter().zip(workers).collect();
     by_rank.sort_by_key(|(a, _)| a.rank);
-    let [(a0, w0), (a1, mut w1), (a2, mut w2)]: [_; 3] = by_rank.try_into().ok().unwrap();
+    let [(a0, mut w0), (a1, mut w1), (a2, mut w2)]: [_; 3] = by_rank.try_into().ok().unwrap();
 
     // A rank other than 0 cannot set the id.
     w1.send(nccl_id(&a1, vec![0xee; pb::NCCL_UNIQUE_ID_BYTES]));
@@ -135,7 +135,6 @@ async fn rank_0s_nccl_id_reaches_every_other_rank_of_its_attempt() {
         assert_eq!((r.job_id.as_str(), r.attempt), (a.job_id.as_str(), a.attempt));
         assert_eq!(r.nccl_unique_id, id, "rank {} got other bytes", a.rank);
     }
-    let mut w0 = w0;
     w0.hears_nothing().await;
 
     // A worker that reattaches naming its rank (its old stream went quiet, or this is a
