@@ -15,8 +15,9 @@
 //!   Before that answer arrives, a rank resuming from a stall could still write: so a rank
 //!   writes metrics and checkpoints only while the worker's lease is confirmed, i.e. a
 //!   heartbeat sent less than 3/5 of the lease ago was acknowledged ([`Lease`]).
-//! - A cancellation stops the rank before its next step and breaks its ring connections, so
-//!   neither it nor its peers wait for an I/O timeout.
+//! - A cancellation stops the rank before its next step and breaks its ring connections (a
+//!   GPU rank's NCCL communicator is aborted by its watchdog), so neither it nor its peers
+//!   wait for an I/O timeout or a collective that cannot finish.
 //!
 //! GPU ranks of a job of several workers meet through NCCL: rank 0 makes the unique id and
 //! reports it (`NcclUniqueId`, repeated on every reattach while the rank runs), the
@@ -623,7 +624,7 @@ impl RankRun {
             NcclId::from_bytes(&self.nccl_id.wait(&self.stop, NCCL_ID_TIMEOUT)?)?
         };
         tracing::info!(job = %a.job_id, rank, world, "joining the NCCL communicator");
-        let nccl = NcclCollective::new(be, rank, world, &id)?;
+        let nccl = NcclCollective::new(be, rank, world, &id, self.stop.clone())?;
         tracing::info!(job = %a.job_id, rank, world, "NCCL connected");
         Ok(nccl)
     }

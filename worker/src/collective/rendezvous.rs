@@ -1,9 +1,12 @@
-//! The NCCL unique id's last hop inside a worker: the agent's stream receives the
-//! coordinator's `Rendezvous` and puts the id in the rank's [`IdSlot`]; the rank's thread,
-//! which cannot join the communicator without it, waits there.
+//! Waiting for the peers of a GPU rank without losing the ability to stop.
 //!
-//! Not tied to CUDA, so it is built and tested everywhere; only `agent.rs`'s CUDA path waits
-//! on it.
+//! - [`IdSlot`]: the NCCL unique id's last hop inside a worker: the agent's stream receives
+//!   the coordinator's `Rendezvous` and puts the id in the rank's slot; the rank's thread,
+//!   which cannot join the communicator without it, waits there.
+//! - [`poll_until`]: how the rank waits for a non-blocking NCCL communicator to finish
+//!   joining or enqueueing (`nccl.rs`), looking at its stop flag between polls.
+//!
+//! Not tied to CUDA, so it is built and tested everywhere; only the CUDA path waits here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -62,6 +65,42 @@ impl IdSlot {
     }
 }
 
+/// What one look at an operation in flight found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    Pending,
+}
+
+/// Calls `poll` until it says [`Progress::Done`], sleeping `every` between calls. Returns
+/// [`WorkerError::Stopped`] once `stop` is set, a timeout error naming `what` once `timeout`
+/// has passed, and the first error `poll` returns. The caller abandons the operation on any
+/// error (for NCCL: aborts the communicator).
+pub fn poll_until(
+    what: &str,
+    stop: &AtomicBool,
+    timeout: Duration,
+    every: Duration,
+    mut poll: impl FnMut() -> Result<Progress, WorkerError>,
+) -> Result<(), WorkerError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if poll()? == Progress::Done {
+            return Ok(());
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(WorkerError::Stopped { step: 0 });
+        }
+        if Instant::now() >= deadline {
+            return Err(WorkerError::Collective(format!(
+                "{what}: not done within {} s",
+                timeout.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(every);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +144,43 @@ mod tests {
         let slot = IdSlot::new();
         let err = slot.wait(&AtomicBool::new(false), Duration::from_millis(30)).unwrap_err();
         assert!(err.to_string().contains("no NCCL unique id from rank 0"), "{err}");
+    }
+
+    const SOON: Duration = Duration::from_millis(5);
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn polling_ends_when_the_operation_is_done() {
+        let mut polls = 0;
+        poll_until("join", &AtomicBool::new(false), LONG, SOON, || {
+            polls += 1;
+            Ok(if polls < 5 { Progress::Pending } else { Progress::Done })
+        })
+        .unwrap();
+        assert_eq!(polls, 5);
+    }
+
+    #[test]
+    fn polling_stops_on_the_stop_flag_a_timeout_or_an_error() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let setter = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            setter.store(true, Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        let pending = || Ok(Progress::Pending);
+        let err = poll_until("join", &stop, LONG, SOON, pending).unwrap_err();
+        assert!(matches!(err, WorkerError::Stopped { step: 0 }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        t.join().unwrap();
+
+        let idle = AtomicBool::new(false);
+        let err = poll_until("joining as rank 1 of 2", &idle, SOON * 6, SOON, pending).unwrap_err();
+        assert!(err.to_string().contains("joining as rank 1 of 2: not done within"), "{err}");
+
+        let failed = || Err(WorkerError::Collective("NCCL: ncclRemoteError".into()));
+        let err = poll_until("all-reduce", &idle, LONG, SOON, failed).unwrap_err();
+        assert!(err.to_string().contains("ncclRemoteError"), "{err}");
     }
 }
