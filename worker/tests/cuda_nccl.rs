@@ -18,6 +18,16 @@ fn gpu(test: &str) -> Option<CudaBackend> {
     ferrite_kernels::cuda::device_for_test(test)
 }
 
+/// The GPU, when there is one and libnccl too.
+fn gpu_with_nccl(test: &str) -> Option<CudaBackend> {
+    let be = gpu(test)?;
+    if !nccl_available() {
+        eprintln!("skipping {test}: no libnccl");
+        return None;
+    }
+    Some(be)
+}
+
 fn no_stop() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(false))
 }
@@ -63,12 +73,8 @@ fn nccl_world_of_one_averages_to_itself() {
 /// bootstrap timeout; a cancelled GPU job frees its workers even when a peer died before
 /// joining.
 #[test]
-fn nccl_join_without_the_peer_ends_when_the_rank_is_stopped() {
-    let Some(be) = gpu("nccl_join_without_the_peer_ends_when_the_rank_is_stopped") else { return };
-    if !nccl_available() {
-        eprintln!("skipping: no libnccl");
-        return;
-    }
+fn nccl_join_without_its_peer_ends_on_stop() {
+    let Some(be) = gpu_with_nccl("nccl_join_without_its_peer_ends_on_stop") else { return };
     let stop = no_stop();
     let setter = stop.clone();
     let t = std::thread::spawn(move || {
@@ -90,11 +96,7 @@ fn nccl_join_without_the_peer_ends_when_the_rank_is_stopped() {
 /// saying so, not a hang.
 #[test]
 fn nccl_stop_aborts_a_joined_communicator() {
-    let Some(be) = gpu("nccl_stop_aborts_a_joined_communicator") else { return };
-    if !nccl_available() {
-        eprintln!("skipping: no libnccl");
-        return;
-    }
+    let Some(be) = gpu_with_nccl("nccl_stop_aborts_a_joined_communicator") else { return };
     let stop = no_stop();
     let mut nccl = NcclCollective::new(&be, 0, 1, &NcclId::new().unwrap(), stop.clone()).unwrap();
     assert_eq!(nccl.mean_scalar(3.0).unwrap(), 3.0);

@@ -105,6 +105,18 @@ pub fn poll_until(
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    /// A stop flag that another thread sets after `after`.
+    fn stop_after(after: Duration) -> (Arc<AtomicBool>, JoinHandle<()>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let setter = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(after);
+            setter.store(true, Ordering::Relaxed);
+        });
+        (stop, t)
+    }
 
     #[test]
     fn a_waiting_rank_gets_the_id_delivered_from_another_thread() {
@@ -126,12 +138,7 @@ mod tests {
     #[test]
     fn a_stopped_rank_stops_waiting() {
         let slot = IdSlot::new();
-        let stop = Arc::new(AtomicBool::new(false));
-        let setter = stop.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            setter.store(true, Ordering::Relaxed);
-        });
+        let (stop, t) = stop_after(Duration::from_millis(50));
         let started = Instant::now();
         let err = slot.wait(&stop, Duration::from_secs(30)).unwrap_err();
         assert!(matches!(err, WorkerError::Stopped { step: 0 }), "{err}");
@@ -162,12 +169,7 @@ mod tests {
 
     #[test]
     fn polling_stops_on_the_stop_flag_a_timeout_or_an_error() {
-        let stop = Arc::new(AtomicBool::new(false));
-        let setter = stop.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            setter.store(true, Ordering::Relaxed);
-        });
+        let (stop, t) = stop_after(Duration::from_millis(50));
         let started = Instant::now();
         let pending = || Ok(Progress::Pending);
         let err = poll_until("join", &stop, LONG, SOON, pending).unwrap_err();
