@@ -1,5 +1,6 @@
 //! The NCCL collective on one GPU (world size 1: a real communicator, the all-reduce path and
-//! the id hand-off), plus what happens without NCCL, and the id's bytes (no GPU needed).
+//! the id hand-off; stopping a rank while it joins a world of 2 or after it joined), plus what
+//! happens without NCCL, and the id's bytes (no GPU needed).
 //!
 //! Needs a GPU; skips like `kernels/tests/cuda_parity.rs` (fails under
 //! `FERRITE_REQUIRE_GPU=1`). Without libnccl it checks that joining is one clear error.
