@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
-use cudarc::nccl::{sys, Id};
+use cudarc::nccl::{result, sys};
 use ferrite_kernels::cuda::CudaBackend;
 
 use super::rendezvous::{poll_until, Progress};
@@ -49,7 +49,7 @@ const POLL_EVERY: Duration = Duration::from_millis(1);
 /// Bytes in an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`), as the wire carries it.
 pub const NCCL_ID_BYTES: usize = ferrite_proto::v1::NCCL_UNIQUE_ID_BYTES;
 
-fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> WorkerError {
+fn nccl_err(what: &str, e: result::NcclError) -> WorkerError {
     WorkerError::Collective(format!("NCCL: {what}: {}", describe(e.0, None)))
 }
 
@@ -107,8 +107,8 @@ impl NcclId {
     /// address into the id.
     pub fn new() -> Result<Self, WorkerError> {
         require_nccl()?;
-        let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
-        Ok(NcclId(id.internal().map(|c| c as u8)))
+        let id = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+        Ok(NcclId(id.internal.map(|c| c as u8)))
     }
 
     /// The id as bytes, to hand to the other ranks.
@@ -201,11 +201,14 @@ impl Shared {
                 _ => Err(describe(code, Some(comm))),
             }
         })?;
-        seen.map_err(|why| {
-            let why = format!("{what}: {why}");
-            self.abort(&why);
-            WorkerError::Collective(format!("NCCL: {why}"))
-        })
+        seen.map_err(|why| self.fail(what, &why))
+    }
+
+    /// Aborts the communicator because `what` failed with `why`; the error to return.
+    fn fail(&self, what: &str, why: &str) -> WorkerError {
+        let why = format!("{what}: {why}");
+        self.abort(&why);
+        WorkerError::Collective(format!("NCCL: {why}"))
     }
 
     /// Aborts the communicator (once) and remembers why.
@@ -235,11 +238,7 @@ impl Shared {
                 _ => Err(describe(r, Some(comm))),
             }
         })?;
-        if let Err(why) = r {
-            let why = format!("{what}: {why}");
-            self.abort(&why);
-            return Err(WorkerError::Collective(format!("NCCL: {why}")));
-        }
+        r.map_err(|why| self.fail(what, &why))?;
         self.wait(what, stop)
     }
 
@@ -290,12 +289,9 @@ impl Watchdog {
                         shared.abort("the rank was stopped");
                         return;
                     }
-                    match shared.progress("asynchronous error") {
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(rank, error = %e, "NCCL communicator aborted");
-                            return;
-                        }
+                    if let Err(e) = shared.progress("asynchronous error") {
+                        tracing::warn!(rank, error = %e, "NCCL communicator aborted");
+                        return;
                     }
                     std::thread::sleep(WATCH_EVERY);
                 }
